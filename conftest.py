@@ -1,0 +1,63 @@
+"""Hypothesis profiles and GPU skipping for the whole test suite.
+
+Profiles (choose with HYPOTHESIS_PROFILE or --hypothesis-profile):
+  dev      quick local runs, random seeds, prints reproduction blobs
+  ci       derandomized and small enough for the CPU CI budget
+  nightly  many examples, database kept between runs (HYPOTHESIS_DATABASE_DIR)
+"""
+
+import os
+
+import pytest
+from hypothesis import HealthCheck, Phase, Verbosity, settings
+from hypothesis.database import DirectoryBasedExampleDatabase
+
+_SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+
+settings.register_profile(
+    "dev",
+    max_examples=30,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=_SLOW_OK,
+)
+settings.register_profile(
+    "ci",
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    print_blob=True,
+    suppress_health_check=_SLOW_OK,
+)
+settings.register_profile(
+    "nightly",
+    max_examples=400,
+    deadline=None,
+    print_blob=True,
+    database=DirectoryBasedExampleDatabase(
+        os.environ.get("HYPOTHESIS_DATABASE_DIR", ".hypothesis/examples")
+    ),
+    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
+    suppress_health_check=_SLOW_OK,
+    verbosity=Verbosity.normal,
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if _cuda_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
