@@ -203,6 +203,9 @@ class PrecisionModel:
             its result (0 for "exact"; the ex2.approx figure for "exp2").
         acc_rounding: "nearest" for IEEE accumulation; "zero" for tensor
             cores, which align and truncate when they add.
+        div_rel_err: relative error of the final division O = acc / l beyond
+            rounding to ``pv_acc`` (0 for IEEE division; GPU compilers often
+            use an approximate divide or reciprocal).
         name: a label.
     """
 
@@ -219,6 +222,7 @@ class PrecisionModel:
     exp_impl: str = "exact"
     exp_rel_err: float = 0.0
     acc_rounding: str = "nearest"
+    div_rel_err: float = 0.0
     name: str = "custom"
 
     def __post_init__(self):
@@ -230,8 +234,10 @@ class PrecisionModel:
             raise ValueError(f"exp_impl must be one of {_EXP_IMPLS}, got {self.exp_impl!r}")
         if self.acc_rounding not in ("nearest", "zero"):
             raise ValueError(f"acc_rounding must be 'nearest' or 'zero', got {self.acc_rounding!r}")
-        if not (0.0 <= self.exp_rel_err < 1e-2):
-            raise ValueError(f"exp_rel_err must be in [0, 1e-2), got {self.exp_rel_err!r}")
+        for field in ("exp_rel_err", "div_rel_err"):
+            value = getattr(self, field)
+            if not (0.0 <= value < 1e-2):
+                raise ValueError(f"{field} must be in [0, 1e-2), got {value!r}")
 
     def replace(self, **changes) -> PrecisionModel:
         return dataclasses.replace(self, **changes)

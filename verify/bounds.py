@@ -1,0 +1,240 @@
+"""Elementwise error bounds for attention, derived from a precision model.
+
+`attention_bound` returns, for every output element, a bound on
+|O_target - O_exact| that holds for any kernel that computes the way its
+`PrecisionModel` says (round-to-nearest or truncating steps, a fixed exp
+error, any summation order, key tiles processed in increasing or decreasing
+key order). The derivation, its assumptions and references are in
+docs/error-bounds.md; the section numbers below refer to it.
+
+Everything is computed from the case's exact data, as the oracle gives it
+(``keep=True``): logits s, probabilities P, values V, output O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kernels.precision import FORMATS, PrecisionModel
+
+__all__ = ["Bound", "attention_bound", "gamma"]
+
+_TF32_TRUNC_U = 2.0**-10  # tf32 conversion may truncate: bound it as such
+_LG2_ABS_ERR = 2.0**-21  # lg2.approx.f32: absolute error in log2 units (PTX ISA: 2**-22.6), with margin
+_ROUND_TRIP = 1.0 + 2.0**-40  # absorbs float64 rounding in computing the bound itself
+
+
+def gamma(n, u):
+    """Higham's gamma_n = n u / (1 - n u); inf when n u >= 1."""
+    n = np.asarray(n, dtype=np.float64)
+    nu = n * u
+    with np.errstate(divide="ignore"):
+        return np.where(nu < 1.0, nu / np.maximum(1.0 - nu, 0.0), np.inf)
+
+
+def _u(fmt: str, rounding: str = "nearest") -> float:
+    """Unit roundoff; truncation has twice the error of rounding."""
+    return FORMATS[fmt].u * (2.0 if rounding == "zero" else 1.0)
+
+
+def _half_subnormal(fmt: str) -> float:
+    """Largest absolute error of rounding into the subnormal range."""
+    return FORMATS[fmt].smallest_subnormal / 2.0
+
+
+@dataclass
+class Bound:
+    """Bounds on |target - exact| for one case.
+
+    out:          (B, H, Nq, Dv) elementwise bound on the output.
+    lse:          (B, H, Nq) bound on the log-sum-exp.
+    fallback:     (B, H, Nq) rows where first-order terms were not small and
+                  the coarse rigorous bound (section 6) was used.
+    terms:        largest value of each term, for reports and debugging.
+    """
+
+    out: np.ndarray
+    lse: np.ndarray
+    fallback: np.ndarray
+    terms: dict = field(default_factory=dict)
+
+
+def _records_after(s: np.ndarray, tol: np.ndarray) -> np.ndarray:
+    """For each key j of each row, how many later keys may raise the running
+    max (in increasing key order): each such raise is one rescale of the
+    partial sums that already hold key j. A key within ``tol`` of the running
+    max counts, since rounding may or may not make it a new max."""
+    prev = np.maximum.accumulate(s, axis=-1)
+    prev = np.concatenate([np.full(s.shape[:-1] + (1,), -np.inf), prev[..., :-1]], axis=-1)
+    with np.errstate(invalid="ignore"):
+        maybe = np.isfinite(s) & (s >= prev - tol[..., None])
+    counts = np.cumsum(maybe[..., ::-1], axis=-1)[..., ::-1]  # keys >= j
+    return counts - maybe  # strictly after j
+
+
+def _centred_sum(w: np.ndarray, v: np.ndarray, o: np.ndarray, max_work: float = 2e8) -> np.ndarray:
+    """sum_j w_ij |V_jc - O_ic| over (B, H, Nq, Nk) weights, exactly when
+    affordable, else via |V - O| <= |V| + |O| (still an upper bound)."""
+    B, H, Nq, Nk = w.shape
+    Dv = v.shape[-1]
+    if B * H * Nq * Nk * Dv <= max_work:
+        out = np.empty(o.shape)
+        for c in range(Dv):
+            out[..., c] = np.einsum("bhij,bhij->bhi", w, np.abs(v[..., None, :, c] - o[..., :, c, None]))
+        return out
+    return w @ np.abs(v) + w.sum(-1, keepdims=True) * np.abs(o)
+
+
+def attention_bound(ref, model: PrecisionModel, *, attn_mask=None, block_n=None) -> Bound:
+    """Bound on |O_target - O_exact| for a target following ``model``.
+
+    ``ref`` is the oracle's result with intermediates (``keep=True``): it
+    supplies q, k, v (float64, kv heads expanded), the scale, the exact
+    logits s (masked keys -inf), P, O and the LSE. ``attn_mask`` is the
+    case's mask (only an additive float mask matters here). ``block_n`` is
+    unused for soundness (the rescale count is taken per key, which covers
+    every tile size) and accepted for symmetry with the targets.
+    """
+    for name in ("q", "k", "v", "s", "p", "out", "lse", "scale"):
+        if getattr(ref, name, None) is None:
+            raise ValueError(f"attention_bound needs the oracle's {name!r}: call the oracle with keep=True")
+    if not isinstance(model, PrecisionModel):
+        raise TypeError(f"model must be a PrecisionModel, got {type(model).__name__}")
+    del block_n
+    q, k, v, s, p, o = ref.q, ref.k, ref.v, ref.s, ref.p, ref.out
+    scale = float(ref.scale)
+    D = q.shape[-1]
+
+    # --- units (section 2) ----------------------------------------------
+    u_dot = _u(model.qk_acc, model.acc_rounding)
+    u_pv = _u(model.pv_acc, model.acc_rounding)
+    u_l = _u(model.l_acc, model.acc_rounding)
+    u_log = _u(model.logits)
+    u_c = _u("fp32") * (1 + 2.0**-28)  # scale (times log2 e) rounded to fp32 once
+    u_exp = _u(model.exp) + model.exp_rel_err
+    u_resc = _u(model.rescale) + model.exp_rel_err
+    tf = 0.0
+    if model.tf32 and model.input == "fp32":
+        tf = 2 * _TF32_TRUNC_U + _TF32_TRUNC_U**2
+    u_p = 0.0 if model.p == model.exp else _u(model.p)
+    u_div = _u(model.pv_acc) + model.div_rel_err
+    u_out = 0.0 if model.out == model.pv_acc else _u(model.out)
+    exp2 = model.exp_impl == "exp2"
+
+    finite = np.isfinite(s)
+    masked_row = ~finite.any(-1)
+    m = np.where(masked_row, 0.0, np.max(np.where(finite, s, -np.inf), axis=-1))
+    s0 = np.where(finite, s, 0.0)
+
+    # --- per-key logit errors (section 3) ---------------------------------
+    qk = q @ np.swapaxes(k, -1, -2)
+    absqk = np.abs(q) @ np.swapaxes(np.abs(k), -1, -2)
+    e_dot = scale * ((1 + tf) * (1 + gamma(D, u_dot)) - 1) * absqk * _ROUND_TRIP
+    mag_sS = np.abs(scale * qk) + e_dot
+    e_mul = u_log * mag_sS
+    a = np.zeros_like(s0)
+    if attn_mask is not None:
+        am = np.asarray(attn_mask)
+        if am.dtype != bool:
+            a = np.broadcast_to(np.abs(am.astype(np.float64)), s.shape)
+            a = np.where(np.isfinite(a), a, 0.0)
+    # exp2 kernels add fl(a * fl32(log2 e)); natural-exp kernels add a exactly.
+    u_mask = (u_log + _u("fp32")) if exp2 else 0.0
+    e_mask = u_mask * a + np.where(a > 0, u_log * (np.abs(s0) + e_dot), 0.0)
+    # The common rounding of the scale moves every logit of a row by the same
+    # factor: centred on the row's max key it costs u_c |scale (S_j - S_max)|.
+    jmax = np.argmax(np.where(finite, s, -np.inf), axis=-1)
+    qk_max = np.take_along_axis(qk, jmax[..., None], axis=-1)
+    e_common_c = u_c * scale * np.abs(qk - qk_max)
+    e_common_abs = u_c * scale * np.abs(qk)
+    e_logit = e_dot + e_mul + e_mask
+    row_err = np.max(np.where(finite, e_logit + e_common_c, 0.0), axis=-1)
+    # exp argument s - m_tile and the rescale exponents telescope to |s - m|.
+    e_sub = u_log * (np.abs(s0 - m[..., None]) + 2 * row_err[..., None])
+    # Each key's weight passes through its own exp and one exp per later rescale.
+    tol = 2 * row_err + 1e-300
+    rescales = np.maximum(_records_after(s, tol), _records_after(s[..., ::-1], tol)[..., ::-1])
+    n_resc_row = np.max(np.where(finite, rescales, 0), axis=-1) + 1
+    e_expo = -np.log1p(-u_exp) + rescales * (-np.log1p(-u_resc))
+    e_c = np.where(finite, e_logit + e_common_c + e_sub + e_expo, 0.0)
+    e_abs = np.where(finite, e_logit + e_common_abs + e_sub + e_expo, 0.0)
+    E = np.expm1(e_c)
+    E_abs = np.expm1(e_abs)
+
+    # Absolute errors of exp results that underflow (ftz on GPUs).
+    eta_exp = FORMATS["fp32"].tiny if exp2 else _half_subnormal(model.exp)
+    ell = np.where(masked_row, 1.0, np.sum(np.where(finite, np.exp(s0 - m[..., None]), 0.0), axis=-1))
+
+    # --- (4) weight perturbations: centred, rigorous ----------------------
+    sPE = np.sum(p * E, axis=-1)
+    sPE_eta = sPE + eta_exp * finite.sum(-1) / ell
+    fallback = (sPE_eta >= 0.5) | ~np.isfinite(sPE_eta)
+    denom1 = np.where(fallback, 1.0, 1.0 - sPE_eta)
+    w = p * E + finite * (eta_exp / ell)[..., None]
+    err1 = _centred_sum(w, v, o) / denom1[..., None]
+    p_up = p * (1 + E) / denom1[..., None]  # perturbed probabilities, upper bound
+
+    # --- (5) non-centred: P rounding, accumulation, l --------------------
+    n_keys = finite.sum(-1)
+    n_acc = n_keys + n_resc_row
+    g_pv = gamma(n_acc, u_pv)[..., None]
+    g_l = gamma(n_acc, u_l)
+    absv = np.abs(v)
+    sum_pv = p_up @ absv
+    eta_p = 0.0 if u_p == 0.0 else _half_subnormal(model.p)
+    tiny_p = FORMATS[model.p].tiny
+    maybe_sub = finite & (np.exp(s0 - m[..., None]) * (1 - E) < tiny_p)
+    # tf32 models round both P and V to tf32 for the product as well.
+    u_pp = (1 + u_p) * (1 + tf) - 1
+    num_err = (u_pp + g_pv * (1 + u_pp)) * sum_pv + eta_p * ((maybe_sub / ell[..., None]) @ absv)
+    theta = g_l
+    fallback |= theta >= 0.5
+    theta = np.where(theta >= 0.5, 0.0, theta)
+    o_tilde = np.abs(o) + err1
+    err2 = (num_err + o_tilde * theta[..., None]) / (1 - theta[..., None])
+    o_c = o_tilde + err2
+
+    # --- (6) division and output rounding -------------------------------
+    err3 = u_div * o_c + _half_subnormal(model.pv_acc)
+    o_d = o_c + err3
+    err4 = u_out * o_d + (_half_subnormal(model.out) if u_out else 0.0)
+    bound = err1 + err2 + err3 + err4
+
+    # Coarse rigorous fallback: the output is a weighted mean of V's rows
+    # inflated by the accumulation and rounding factors.
+    vmax = np.max(np.where(finite[..., None], absv[..., None, :, :], 0.0), axis=-2) if fallback.any() else 0.0
+    coarse = np.abs(o) + vmax * (1 + u_p) * (1 + gamma(n_acc, u_pv))[..., None] / np.maximum(
+        1 - gamma(n_acc, u_l), 1e-300
+    )[..., None] * (1 + u_div) * (1 + u_out) + _half_subnormal(model.out)
+    bound = np.where(fallback[..., None], coarse, bound)
+    bound = np.where(masked_row[..., None], 0.0, bound)
+
+    # Logits that overflow their format break the model: no bound.
+    big = np.max(np.where(finite, mag_sS + a, 0.0), axis=-1) > FORMATS[model.logits].max / 4
+    bound = np.where(big[..., None], np.inf, bound)
+
+    # --- (7) log-sum-exp ----------------------------------------------------
+    sPE_abs = np.sum(p * E_abs, axis=-1) + eta_exp * n_keys / ell + g_l
+    lse_fallback = sPE_abs >= 0.5
+    lse_core = -np.log1p(-np.minimum(sPE_abs, 0.5))
+    lse = np.where(masked_row, -np.inf, ref.lse)
+    lse_abs = np.abs(np.where(masked_row, 0.0, lse))
+    if exp2:
+        # lse = (m2 + log2 l) * ln 2, each step in fp32 plus lg2.approx's error.
+        lse_final = np.log(2) * _LG2_ABS_ERR + 3 * _u("fp32") * (lse_abs + lse_core)
+    else:
+        lse_final = _u("fp32") * np.abs(np.log(ell)) + 2 * _u("fp32") * (lse_abs + lse_core)
+    lse_bound = np.where(lse_fallback, np.inf, lse_core + lse_final)
+    lse_bound = np.where(masked_row | big, np.where(masked_row, 0.0, np.inf), lse_bound)
+
+    terms = {
+        "logit_weights": float(np.max(err1, initial=0.0)),
+        "p_rounding_and_accumulation": float(np.max(err2, initial=0.0)),
+        "division": float(np.max(err3, initial=0.0)),
+        "output_rounding": float(np.max(err4, initial=0.0)),
+        "max_weight_perturbation": float(np.max(E, initial=0.0)),
+        "fallback_rows": int(fallback.sum()),
+    }
+    return Bound(out=bound, lse=lse_bound, fallback=fallback & ~masked_row, terms=terms)
