@@ -93,7 +93,10 @@ def format_of(x) -> Format:
                 f"{sorted(FORMATS)} (or an alias such as 'float16', 'bfloat16')"
             )
         return FORMATS[name]
-    dtype = getattr(x, "dtype", x)
+    if isinstance(x, type) and issubclass(x, np.generic):
+        dtype = np.dtype(x)  # a scalar type such as np.float32 (its .dtype is a descriptor)
+    else:
+        dtype = getattr(x, "dtype", x)
     text = str(dtype)
     if text.startswith("torch."):
         return format_of(text[len("torch."):])
@@ -101,6 +104,8 @@ def format_of(x) -> Format:
         np_dtype = np.dtype(dtype)
     except TypeError:
         raise TypeError(f"cannot tell a floating-point format from {type(x).__name__} {x!r}") from None
+    if np_dtype.kind not in "fV":
+        raise ValueError(f"unsupported dtype {np_dtype}; expected float16, bfloat16, float32 or float64")
     for fmt in FORMATS.values():
         if fmt.storage is not None and np_dtype == np.dtype(fmt.storage):
             return fmt
@@ -145,10 +150,17 @@ def round_to(x, fmt, mode: str = "nearest") -> np.ndarray:
         raise ValueError(f"unknown rounding mode {mode!r}; expected 'nearest' or 'zero'")
     if fmt.name == "fp64":
         return x.copy()
-    if mode == "nearest" and fmt.name in ("fp16", "fp32"):
+    if fmt.name in ("fp16", "fp32"):
         # NumPy's float64 -> float16/float32 casts are correctly rounded.
-        with np.errstate(over="ignore"):
-            return x.astype(fmt.storage).astype(np.float64)
+        with np.errstate(over="ignore", invalid="ignore"):
+            r = x.astype(fmt.storage).astype(np.float64)
+            if mode == "zero":
+                # Where nearest rounded away from zero, step back one value.
+                grew = np.abs(r) > np.abs(x)
+                if grew.any():
+                    stepped = np.nextafter(r.astype(fmt.storage), np.zeros((), fmt.storage)).astype(np.float64)
+                    r = np.where(grew, stepped, r)
+        return r
     return _round_generic(x, fmt, mode)
 
 
