@@ -61,3 +61,4 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+settings.register_profile("long", parent=settings.get_profile("ci"), max_examples=250)

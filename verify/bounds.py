@@ -19,7 +19,7 @@ import numpy as np
 
 from kernels.precision import FORMATS, PrecisionModel
 
-__all__ = ["Bound", "attention_bound", "gamma"]
+__all__ = ["Bound", "attention_bound", "gamma", "rescale_counts", "softmax_bound"]
 
 _TF32_TRUNC_U = 2.0**-10  # tf32 conversion may truncate: bound it as such
 _LG2_ABS_ERR = 2.0**-21  # lg2.approx.f32: absolute error in log2 units (PTX ISA: 2**-22.6), with margin
@@ -74,6 +74,24 @@ def _records_after(s: np.ndarray, tol: np.ndarray) -> np.ndarray:
     return counts - maybe  # strictly after j
 
 
+def rescale_counts(s: np.ndarray, tol: np.ndarray, partition=None) -> np.ndarray:
+    """Per key, an upper bound on the rescales that reach it after it entered
+    the running sums, for increasing or decreasing key order (§3). With a
+    ``partition`` (split-KV: a list of key index arrays, each part processed
+    on its own and the parts merged), counts are taken within each part and
+    every merge adds one more rescale."""
+    if partition is None:
+        fwd = _records_after(s, tol)
+        bwd = _records_after(s[..., ::-1], tol)[..., ::-1]
+        return np.maximum(fwd, bwd)
+    counts = np.zeros(s.shape, dtype=np.int64)
+    for part in partition:
+        idx = np.asarray(part, dtype=np.int64)
+        if idx.size:
+            counts[..., idx] = rescale_counts(s[..., idx], tol) + len(partition)
+    return counts
+
+
 def _centred_sum(w: np.ndarray, v: np.ndarray, o: np.ndarray, max_work: float = 2e8) -> np.ndarray:
     """sum_j w_ij |V_jc - O_ic| over (B, H, Nq, Nk) weights, exactly when
     affordable, else via |V - O| <= |V| + |O| (still an upper bound)."""
@@ -87,7 +105,7 @@ def _centred_sum(w: np.ndarray, v: np.ndarray, o: np.ndarray, max_work: float = 
     return w @ np.abs(v) + w.sum(-1, keepdims=True) * np.abs(o)
 
 
-def attention_bound(ref, model: PrecisionModel, *, attn_mask=None, block_n=None) -> Bound:
+def attention_bound(ref, model: PrecisionModel, *, attn_mask=None, block_n=None, partition=None) -> Bound:
     """Bound on |O_target - O_exact| for a target following ``model``.
 
     ``ref`` is the oracle's result with intermediates (``keep=True``): it
@@ -96,6 +114,8 @@ def attention_bound(ref, model: PrecisionModel, *, attn_mask=None, block_n=None)
     case's mask (only an additive float mask matters here). ``block_n`` is
     unused for soundness (the rescale count is taken per key, which covers
     every tile size) and accepted for symmetry with the targets.
+    ``partition`` (a list of key index arrays) bounds split-KV attention:
+    each part accumulated on its own, then merged.
     """
     for name in ("q", "k", "v", "s", "p", "out", "lse", "scale"):
         if getattr(ref, name, None) is None:
@@ -155,8 +175,10 @@ def attention_bound(ref, model: PrecisionModel, *, attn_mask=None, block_n=None)
     e_sub = u_log * (np.abs(s0 - m[..., None]) + 2 * row_err[..., None])
     # Each key's weight passes through its own exp and one exp per later rescale.
     tol = 2 * row_err + 1e-300
-    rescales = np.maximum(_records_after(s, tol), _records_after(s[..., ::-1], tol)[..., ::-1])
+    rescales = rescale_counts(s, tol, partition)
     n_resc_row = np.max(np.where(finite, rescales, 0), axis=-1) + 1
+    if partition is not None:
+        n_resc_row = n_resc_row + len(partition)  # each merge also adds its two halves
     e_expo = -np.log1p(-u_exp) + rescales * (-np.log1p(-u_resc))
     e_c = np.where(finite, e_logit + e_common_c + e_sub + e_expo, 0.0)
     e_abs = np.where(finite, e_logit + e_common_abs + e_sub + e_expo, 0.0)
@@ -165,7 +187,8 @@ def attention_bound(ref, model: PrecisionModel, *, attn_mask=None, block_n=None)
 
     # Absolute errors of exp results that underflow (ftz on GPUs).
     eta_exp = FORMATS["fp32"].tiny if exp2 else _half_subnormal(model.exp)
-    ell = np.where(masked_row, 1.0, np.sum(np.where(finite, np.exp(s0 - m[..., None]), 0.0), axis=-1))
+    w_exact = np.exp(np.where(finite, s0 - m[..., None], -np.inf))
+    ell = np.where(masked_row, 1.0, np.sum(w_exact, axis=-1))
 
     # --- (4) weight perturbations: centred, rigorous ----------------------
     sPE = np.sum(p * E, axis=-1)
@@ -185,7 +208,7 @@ def attention_bound(ref, model: PrecisionModel, *, attn_mask=None, block_n=None)
     sum_pv = p_up @ absv
     eta_p = 0.0 if u_p == 0.0 else _half_subnormal(model.p)
     tiny_p = FORMATS[model.p].tiny
-    maybe_sub = finite & (np.exp(s0 - m[..., None]) * (1 - E) < tiny_p)
+    maybe_sub = finite & (w_exact * (1 - E) < tiny_p)
     # tf32 models round both P and V to tf32 for the product as well.
     u_pp = (1 + u_p) * (1 + tf) - 1
     num_err = (u_pp + g_pv * (1 + u_pp)) * sum_pv + eta_p * ((maybe_sub / ell[..., None]) @ absv)
@@ -238,3 +261,47 @@ def attention_bound(ref, model: PrecisionModel, *, attn_mask=None, block_n=None)
         "fallback_rows": int(fallback.sum()),
     }
     return Bound(out=bound, lse=lse_bound, fallback=fallback & ~masked_row, terms=terms)
+
+
+def softmax_bound(x, model: PrecisionModel, *, online: bool = True) -> np.ndarray:
+    """Elementwise bound on |softmax_computed(x) - softmax_exact(x)| along the
+    last axis, for logits ``x`` exactly representable in ``model.logits``
+    (the softmax part of §3-§6: subtraction of the max, exp, rescales when
+    ``online``, the sum in ``l_acc``, the division and the rounding to
+    ``model.p``)."""
+    if not isinstance(model, PrecisionModel):
+        raise TypeError(f"model must be a PrecisionModel, got {type(model).__name__}")
+    x = np.asarray(x, dtype=np.float64)
+    if np.isnan(x).any() or np.isposinf(x).any():
+        raise ValueError("softmax_bound needs logits without NaN or +inf")
+    finite = np.isfinite(x)
+    empty = ~finite.any(-1)
+    m = np.where(empty, 0.0, np.max(np.where(finite, x, -np.inf), axis=-1))
+    x0 = np.where(finite, x, 0.0)
+    w = np.exp(np.where(finite, x0 - m[..., None], -np.inf))
+    ell = np.where(empty, 1.0, w.sum(-1))
+    p = w / ell[..., None]
+    u_log = _u(model.logits)
+    u_exp = _u(model.exp) + model.exp_rel_err
+    u_resc = _u(model.rescale) + model.exp_rel_err
+    tol = np.full(x.shape[:-1], 2 * u_log) * (np.abs(m) + 1)
+    r = rescale_counts(x, tol) if online else np.zeros(x.shape, dtype=np.int64)
+    e = u_log * (np.abs(x0 - m[..., None]) + 2 * u_log * (np.abs(m[..., None]) + 1))
+    if model.exp_impl == "exp2":
+        # converting to base 2, fl(x * fl32(log2 e)): the constant's rounding is
+        # common to the row (centred on the max), the product's is not.
+        e = e + u_log * np.abs(x0) + _u("fp32") * np.abs(x0 - m[..., None])
+    e = e - np.log1p(-u_exp) - r * np.log1p(-u_resc)
+    E = np.where(finite, np.expm1(e), 0.0)
+    sPE = np.sum(p * E, -1)
+    theta = gamma(finite.sum(-1) + np.max(r, axis=-1, initial=0) + 1, _u(model.l_acc))
+    bad = (sPE >= 0.5) | (theta >= 0.5)
+    sPE = np.where(bad, 0.0, sPE)
+    theta = np.where(bad, 0.0, theta)
+    rel = (E + sPE[..., None] + theta[..., None]) / ((1 - sPE[..., None]) * (1 - theta[..., None]))
+    u_div = _u(model.pv_acc) + model.div_rel_err
+    u_p = _u(model.p)
+    eta = FORMATS["fp32"].tiny if model.exp_impl == "exp2" else _half_subnormal(model.exp)
+    bound = p * ((1 + rel) * (1 + u_div) * (1 + u_p) - 1) + eta / ell[..., None] + _half_subnormal(model.p)
+    bound = np.where(bad[..., None], 1.0, bound)  # a probability is always within 1 of another
+    return np.where(empty[..., None] | ~finite, 0.0, bound)

@@ -1,0 +1,212 @@
+"""The fuzz campaign: many generated cases, several targets, one report.
+
+Cases come from the property strategies (`properties.strategies.cases`:
+every magnitude class, mask kind, layout and shape class) driven by
+Hypothesis with targeted search: each case reports its worst error/bound
+ratio per target through `hypothesis.target`, so generation drifts toward
+the cases closest to failing. Every target runs on the identical case, so
+targets compare side by side. Each (case, target) row is appended to
+``cases.jsonl`` as soon as it is judged; failing cases are saved under
+``repro/`` for `python -m verify replay`.
+
+With ``max_examples`` and no time budget, the same seed and options give the
+same cases and verdicts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hypothesis import HealthCheck, Phase, given, reject, seed, settings
+from hypothesis import target as hypothesis_target
+
+from verify import oracle as _oracle
+from verify.check import CaseResult, run_case
+from verify.isolation import IsolatedTarget
+from verify.targets import resolve_target
+
+__all__ = ["CampaignConfig", "CampaignResult", "run_campaign", "save_repro"]
+
+
+@dataclass
+class CampaignConfig:
+    targets: list
+    dtypes: tuple = ("fp16", "bf16", "fp32")
+    budget: float | None = None  # seconds
+    max_examples: int = 100
+    seed: int = 0
+    device: str = "cpu"
+    model: str | None = None
+    out: Path = Path("reports/latest")
+    max_seq: int | None = None
+    max_scores: int | None = None
+    timeout: float = 300.0
+    isolate: bool = True
+    progress: bool = True
+    shard: tuple = (0, 1)  # (index, count): run only cases whose number % count == index
+
+    def __post_init__(self):
+        if not self.targets:
+            raise ValueError("at least one --target is needed")
+        if self.budget is not None and not self.budget > 0:
+            raise ValueError(f"--budget must be positive, got {self.budget}")
+        if self.max_examples < 1:
+            raise ValueError(f"--max-examples must be at least 1, got {self.max_examples}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
+        index, count = self.shard
+        if not (count >= 1 and 0 <= index < count):
+            raise ValueError(f"shard index {index} must be in [0, {count})")
+        self.out = Path(self.out)
+        if self.max_seq is None:
+            self.max_seq = 80 if self.device == "cpu" else 2048
+        if self.max_scores is None:
+            self.max_scores = 2**13 if self.device == "cpu" else 2**24
+
+
+@dataclass
+class CampaignResult:
+    rows: list = field(default_factory=list)
+    cases: int = 0
+    failures: int = 0
+    unsupported: int = 0
+    seconds: float = 0.0
+    out: Path | None = None
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failures else 0
+
+
+def save_repro(result: CaseResult, directory: Path, device: str) -> Path:
+    """Exact inputs and options of a failing case, replayable."""
+    directory.mkdir(parents=True, exist_ok=True)
+    stem = f"{result.case.case_id}-{result.target.replace(':', '_').replace('/', '_')}"
+    path = directory / f"{stem}.npz"
+    case = result.case.replace(tags={**result.case.tags, "repro": {
+        "target": result.target, "model": result.model, "device": device,
+        "verdict": result.verdict, "reason": result.reason,
+    }})
+    case.save(path)
+    return path
+
+
+def _progress(cfg: CampaignConfig):
+    if not cfg.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.max_examples, unit="case", dynamic_ncols=True, mininterval=0.5)
+
+
+def _meta(cfg: CampaignConfig) -> dict:
+    import numpy
+    import torch
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    meta = {
+        "targets": cfg.targets, "dtypes": list(cfg.dtypes), "seed": cfg.seed, "device": cfg.device,
+        "model": cfg.model, "max_examples": cfg.max_examples, "budget": cfg.budget,
+        "max_seq": cfg.max_seq, "shard": list(cfg.shard),
+        "python": platform.python_version(), "numpy": numpy.__version__, "torch": torch.__version__,
+        "triton": triton_version, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    if cfg.device == "cuda" and torch.cuda.is_available():
+        meta["gpu"] = torch.cuda.get_device_name()
+    return meta
+
+
+def run_campaign(cfg: CampaignConfig) -> CampaignResult:
+    """Run the campaign described by ``cfg``; write the report; return totals.
+
+    Raises `verify.targets.TargetError` (a usage error) for a target that
+    cannot be resolved, before anything runs.
+    """
+    from properties.strategies import cases as case_strategy
+    from reports.records import CaseWriter
+
+    targets = [resolve_target(name, cfg.model) for name in cfg.targets]
+    runners = [IsolatedTarget(t, timeout=cfg.timeout) if cfg.isolate else t for t in targets]
+    block_kind = "triton" if any(t.name == "triton" for t in targets) else "numpy"
+    strategy = case_strategy(
+        dtypes=tuple(cfg.dtypes), max_seq=cfg.max_seq, max_scores=cfg.max_scores,
+        block_kind=block_kind, allow_nonfinite=True,
+    )
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    (cfg.out / "cases.jsonl").unlink(missing_ok=True)
+    repro_dir = cfg.out / "repro"
+    result = CampaignResult(out=cfg.out)
+    start = time.monotonic()
+    deadline = start + cfg.budget if cfg.budget else math.inf
+    bar = _progress(cfg)
+    counter = {"n": 0}
+
+    @settings(
+        max_examples=cfg.max_examples, database=None, deadline=None, derandomize=False,
+        phases=[Phase.explicit, Phase.generate, Phase.target], suppress_health_check=list(HealthCheck),
+        print_blob=False, report_multiple_bugs=False,
+    )
+    @seed(cfg.seed)
+    @given(strategy)
+    def explore(case):
+        if time.monotonic() > deadline:
+            reject()
+        counter["n"] += 1
+        if (counter["n"] - 1) % cfg.shard[1] != cfg.shard[0]:
+            return
+        ref = None
+        try:
+            finite = all(bool((abs(t.astype("float64")) < math.inf).all()) for t in (case.q, case.k, case.v))
+            if finite:
+                ref = _oracle.attention_case(case, keep=True)
+        except ValueError:
+            ref = None
+        result.cases += 1
+        for runner in runners:
+            row_result = run_case(case, runner, device=cfg.device, ref=ref)
+            row = row_result.row()
+            writer.write(row)
+            result.rows.append(row)
+            if row_result.verdict == "fail":
+                result.failures += 1
+                save_repro(row_result, repro_dir, cfg.device)
+            elif row_result.verdict == "unsupported":
+                result.unsupported += 1
+            if row_result.ratio is not None and math.isfinite(row_result.ratio):
+                hypothesis_target(float(row_result.ratio), label=f"ratio:{runner.name}")
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(failures=result.failures, elapsed=f"{time.monotonic() - start:.0f}s")
+
+    try:
+        with CaseWriter(cfg.out / "cases.jsonl") as writer:
+            explore()
+    finally:
+        for runner in runners:
+            if isinstance(runner, IsolatedTarget):
+                runner.close()
+        if bar is not None:
+            bar.close()
+    result.seconds = time.monotonic() - start
+    write_reports(result.rows, cfg.out, _meta(cfg) | {"seconds": round(result.seconds, 1)})
+    return result
+
+
+def write_reports(rows: list, out: Path, meta: dict) -> None:
+    from reports.html import write_html
+    from reports.summary import write_summary
+
+    out = Path(out)
+    write_summary(rows, out / "summary.json")
+    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    write_html(rows, out / "index.html", title="flashcheck fuzz campaign", meta=meta)

@@ -1,0 +1,218 @@
+"""Judging one case: target output -> oracle -> metrics and bound -> verdict.
+
+`judge` compares an output with the certified oracle under a precision
+model's bound; `run_case` calls a target first and turns whatever it does
+(raise, return garbage, return NaN) into a verdict with a reason.
+
+The pass rule: every output element satisfies
+|O_target - O_oracle| <= bound(model) + the oracle's own certified error,
+the LSE likewise when the target returns one, and no NaN or Inf appears
+that the exact answer does not have. Inputs with NaN or Inf are judged on
+semantics instead: rows that read a non-finite value must be non-finite,
+rows whose query and every key and value they could read are finite must
+match the oracle.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kernels.precision import PrecisionModel, format_of, to_float64
+from verify import metrics as _metrics
+from verify import oracle as _oracle
+from verify.bounds import Bound, attention_bound
+from verify.case import Case
+
+__all__ = ["CaseResult", "Judgement", "judge", "run_case"]
+
+
+@dataclass
+class Judgement:
+    verdict: str  # "pass" or "fail"
+    reason: str | None
+    ratio: float  # max over elements of |err| / (bound + oracle error)
+    lse_ratio: float | None
+    metrics: _metrics.Metrics | None
+    bound: Bound | None
+    worst_at: tuple = ()
+
+
+@dataclass
+class CaseResult:
+    """One report row: a case, a target, and what happened."""
+
+    case: Case
+    target: str
+    model: str
+    verdict: str  # "pass", "fail" or "unsupported"
+    reason: str | None = None
+    ratio: float | None = None
+    lse_ratio: float | None = None
+    baseline_ratio: float | None = None
+    metrics: dict = field(default_factory=dict)
+    bound_max: float | None = None
+    oracle_mp_rows: int | None = None
+    seconds: float = 0.0
+
+    def row(self) -> dict:
+        return {
+            **self.case.describe(),
+            "target": self.target,
+            "model": self.model,
+            "verdict": self.verdict,
+            "reason": self.reason,
+            "ratio": self.ratio,
+            "lse_ratio": self.lse_ratio,
+            "baseline_ratio": self.baseline_ratio,
+            "bound_max": self.bound_max,
+            "oracle_mp_rows": self.oracle_mp_rows,
+            "seconds": round(self.seconds, 4),
+            **{f"m_{k}": v for k, v in self.metrics.items()},
+        }
+
+
+def _ratio(err: np.ndarray, allowed: np.ndarray) -> tuple[float, tuple]:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.where(allowed > 0, err / allowed, np.where(err > 0, np.inf, 0.0))
+    if r.size == 0:
+        return 0.0, ()
+    idx = np.unravel_index(int(np.argmax(r)), r.shape)
+    return float(r[idx]), tuple(int(i) for i in idx)
+
+
+def _nonfinite_inputs(case: Case) -> bool:
+    return not all(np.isfinite(to_float64(t)).all() for t in (case.q, case.k, case.v))
+
+
+def judge(case: Case, out, lse=None, *, model: PrecisionModel, ref=None) -> Judgement:
+    """Verdict on ``out`` (and ``lse``) for ``case`` under ``model``."""
+    if not isinstance(case, Case):
+        raise TypeError(f"judge needs a verify.case.Case, got {type(case).__name__}")
+    if not isinstance(model, PrecisionModel):
+        raise TypeError(f"model must be a PrecisionModel, got {type(model).__name__}")
+    if _nonfinite_inputs(case):
+        return _judge_nonfinite(case, out)
+    ref = ref if ref is not None and ref.s is not None else _oracle.attention_case(case, keep=True)
+    o = to_float64(out)
+    if o.shape != ref.out.shape:
+        return Judgement("fail", f"output shape {o.shape}, expected {ref.out.shape}", np.inf, None, None, None)
+    m = _metrics.compare(o, ref, case.dtype)
+    bound = attention_bound(ref, model, attn_mask=case.attn_mask, block_n=case.block_n)
+    bad = ~np.isfinite(o)
+    if bad.any():
+        idx = tuple(int(i) for i in np.argwhere(bad)[0])
+        return Judgement("fail", f"non-finite output {o[idx]} at {idx} from finite inputs", np.inf, None, m, bound, idx)
+    err = np.abs(o - ref.out)
+    ratio, at = _ratio(err, bound.out + ref.err_bound)
+    lse_ratio = None
+    reason = None
+    if ratio > 1:
+        reason = (f"error {err[at]:.3g} exceeds bound {bound.out[at]:.3g} at {at} "
+                  f"(ratio {ratio:.3g}, model {model.name})")
+    if lse is not None:
+        lt = to_float64(lse)
+        if lt.shape != ref.lse.shape:
+            reason = reason or f"lse shape {lt.shape}, expected {ref.lse.shape}"
+            lse_ratio = np.inf
+        else:
+            both_inf = np.isneginf(lt) & np.isneginf(ref.lse)
+            with np.errstate(invalid="ignore"):
+                lerr = np.where(both_inf, 0.0, np.abs(lt - ref.lse))
+            lerr = np.where(np.isnan(lerr), np.inf, lerr)
+            lse_ratio, lat = _ratio(lerr, bound.lse + ref.lse_err_bound)
+            if lse_ratio > 1 and reason is None:
+                reason = (f"lse error {lerr[lat]:.3g} exceeds bound {bound.lse[lat]:.3g} at {lat} "
+                          f"(ratio {lse_ratio:.3g})")
+    verdict = "fail" if reason else "pass"
+    return Judgement(verdict, reason, ratio, lse_ratio, m, bound, at)
+
+
+def _visibility(case: Case, B: int, H: int, Nq: int, Nk: int) -> np.ndarray:
+    """(B, H, Nq, Nk): which keys each query may attend to."""
+    vis = np.ones((B, H, Nq, Nk), dtype=bool)
+    if case.is_causal:
+        vis &= np.tril(np.ones((Nq, Nk), dtype=bool))
+    if case.attn_mask is not None:
+        mask = np.asarray(case.attn_mask)
+        allowed = mask if mask.dtype == bool else ~np.isneginf(to_float64(mask))
+        vis &= np.broadcast_to(allowed, vis.shape)
+    return vis
+
+
+def _judge_nonfinite(case: Case, out) -> Judgement:
+    """Semantics only: which rows must be non-finite, which must be right."""
+    q, k, v = (to_float64(t) for t in (case.q, case.k, case.v))
+    B, H, Nq, _ = q.shape
+    group = H // k.shape[1]
+    kv_bad = ~(np.isfinite(k).all(-1) & np.isfinite(v).all(-1))  # (B, Hkv, Nk)
+    kv_bad = np.repeat(kv_bad, group, axis=1)
+    q_bad = ~np.isfinite(q).all(-1)  # (B, H, Nq)
+    visible = _visibility(case, B, H, Nq, k.shape[2])
+    must_be_bad = q_bad | (visible & kv_bad[:, :, None, :]).any(-1)
+    may_be_clean = ~q_bad & ~kv_bad.any(-1)[:, :, None]
+    o = to_float64(out)
+    if o.shape[:3] != (B, H, Nq):
+        return Judgement("fail", f"output shape {o.shape} does not match q's {q.shape[:3]}", np.inf, None, None, None)
+    row_bad = ~np.isfinite(o).all(-1)
+    silent = must_be_bad & ~row_bad
+    if silent.any():
+        idx = tuple(int(i) for i in np.argwhere(silent)[0])
+        return Judgement("fail", f"row {idx} reads a NaN/Inf input but its output is finite", np.inf, None, None,
+                         None, idx)
+    leak = may_be_clean & row_bad
+    if leak.any():
+        idx = tuple(int(i) for i in np.argwhere(leak)[0])
+        return Judgement("fail", f"row {idx} has only finite inputs but a non-finite output", np.inf, None, None,
+                         None, idx)
+    return Judgement("pass", None, 0.0, None, None, None)
+
+
+def run_case(case: Case, target, *, device: str = "cpu", ref=None, baseline: bool = True) -> CaseResult:
+    """Run ``target`` (a `verify.targets.Target`) on ``case`` and judge it."""
+    model = target.model_for(case.dtype, device)
+    start = time.perf_counter()
+    result = CaseResult(case=case, target=target.name, model=model.name, verdict="fail")
+    try:
+        produced = target.run(case, device)
+    except NotImplementedError as exc:
+        result.verdict, result.reason = "unsupported", str(exc) or "not implemented"
+        result.seconds = time.perf_counter() - start
+        return result
+    except Exception as exc:  # a target that raises is a failing case
+        result.reason = f"raised {type(exc).__name__}: {exc}"
+        result.metrics = {"traceback": traceback.format_exc(limit=3)[-800:]}
+        result.seconds = time.perf_counter() - start
+        return result
+    result.seconds = time.perf_counter() - start
+    out = produced.out
+    expected = format_of(case.q.dtype)
+    try:
+        got = format_of(out)
+    except (TypeError, ValueError):
+        got = None
+    if got is not expected:
+        result.reason = f"output dtype {getattr(out, 'dtype', type(out))}, expected {expected.name}"
+        return result
+    if ref is None and not _nonfinite_inputs(case):
+        ref = _oracle.attention_case(case, keep=True)
+    j = judge(case, out, produced.lse, model=model, ref=ref)
+    result.verdict, result.reason = j.verdict, j.reason
+    result.ratio, result.lse_ratio = j.ratio, j.lse_ratio
+    if j.metrics is not None:
+        result.metrics = j.metrics.as_dict()
+    if j.bound is not None:
+        result.bound_max = float(np.max(j.bound.out, initial=0.0))
+    if ref is not None:
+        result.oracle_mp_rows = ref.mp_rows
+    if baseline and ref is not None and j.metrics is not None and np.isfinite(j.metrics.max_abs_err):
+        naive = _metrics.naive_attention(
+            case.q, case.k, case.v, attn_mask=case.attn_mask, is_causal=case.is_causal, scale=case.scale,
+            enable_gqa=case.enable_gqa,
+        )
+        base_err = float(np.max(np.abs(to_float64(naive) - ref.out), initial=0.0))
+        result.baseline_ratio = _metrics.baseline_ratio(j.metrics.max_abs_err, base_err)
+    return result
