@@ -74,6 +74,20 @@ def _records_after(s: np.ndarray, tol: np.ndarray) -> np.ndarray:
     return counts - maybe  # strictly after j
 
 
+def _p_times_expm1(p: np.ndarray, e: np.ndarray) -> np.ndarray:
+    """p * (e^e - 1) for p in [0, 1], e >= 0, with no overflow for tiny p."""
+    with np.errstate(divide="ignore", over="ignore"):
+        big = np.exp(np.where(p > 0, np.log(np.where(p > 0, p, 1.0)) + e, -np.inf))
+        return np.where(e < 30, p * np.expm1(np.minimum(e, 30)), big)
+
+
+def _logsumexp(x: np.ndarray) -> np.ndarray:
+    m = np.max(x, axis=-1)
+    m0 = np.where(np.isfinite(m), m, 0.0)
+    with np.errstate(divide="ignore"):
+        return m0 + np.log(np.sum(np.exp(x - m0[..., None]), axis=-1))
+
+
 def rescale_counts(s: np.ndarray, tol: np.ndarray, partition=None) -> np.ndarray:
     """Per key, an upper bound on the rescales that reach it after it entered
     the running sums, for increasing or decreasing key order (§3). With a
@@ -152,6 +166,13 @@ def attention_bound(ref, model: PrecisionModel, *, attn_mask=None, block_n=None,
     qk = q @ np.swapaxes(k, -1, -2)
     absqk = np.abs(q) @ np.swapaxes(np.abs(k), -1, -2)
     e_dot = scale * ((1 + tf) * (1 + gamma(D, u_dot)) - 1) * absqk * _ROUND_TRIP
+    eta_tf = 0.0
+    if tf:
+        # tf32 rounding of subnormal inputs is absolute: a tf32 subnormal spacing.
+        eta_tf = FORMATS["tf32"].smallest_subnormal
+        l1q = np.abs(q).sum(-1)[..., :, None]
+        l1k = np.abs(k).sum(-1)[..., None, :]
+        e_dot = e_dot + scale * (1 + gamma(D, u_dot)) * (eta_tf * (1 + tf) * (l1q + l1k) + D * eta_tf**2)
     mag_sS = np.abs(scale * qk) + e_dot
     e_mul = u_log * mag_sS
     a = np.zeros_like(s0)
@@ -183,7 +204,7 @@ def attention_bound(ref, model: PrecisionModel, *, attn_mask=None, block_n=None,
     e_c = np.where(finite, e_logit + e_common_c + e_sub + e_expo, 0.0)
     e_abs = np.where(finite, e_logit + e_common_abs + e_sub + e_expo, 0.0)
     E = np.expm1(e_c)
-    E_abs = np.expm1(e_abs)
+    PE = _p_times_expm1(p, e_c)  # P_j E_j without inf * 0 for far-below-max keys
 
     # Absolute errors of exp results that underflow (ftz on GPUs).
     eta_exp = FORMATS["fp32"].tiny if exp2 else _half_subnormal(model.exp)
@@ -191,13 +212,13 @@ def attention_bound(ref, model: PrecisionModel, *, attn_mask=None, block_n=None,
     ell = np.where(masked_row, 1.0, np.sum(w_exact, axis=-1))
 
     # --- (4) weight perturbations: centred, rigorous ----------------------
-    sPE = np.sum(p * E, axis=-1)
+    sPE = np.sum(PE, axis=-1)
     sPE_eta = sPE + eta_exp * finite.sum(-1) / ell
     fallback = (sPE_eta >= 0.5) | ~np.isfinite(sPE_eta)
     denom1 = np.where(fallback, 1.0, 1.0 - sPE_eta)
-    w = p * E + finite * (eta_exp / ell)[..., None]
+    w = PE + finite * (eta_exp / ell)[..., None]
     err1 = _centred_sum(w, v, o) / denom1[..., None]
-    p_up = p * (1 + E) / denom1[..., None]  # perturbed probabilities, upper bound
+    p_up = (p + PE) / denom1[..., None]  # perturbed probabilities, upper bound
 
     # --- (5) non-centred: P rounding, accumulation, l --------------------
     n_keys = finite.sum(-1)
@@ -212,6 +233,11 @@ def attention_bound(ref, model: PrecisionModel, *, attn_mask=None, block_n=None,
     # tf32 models round both P and V to tf32 for the product as well.
     u_pp = (1 + u_p) * (1 + tf) - 1
     num_err = (u_pp + g_pv * (1 + u_pp)) * sum_pv + eta_p * ((maybe_sub / ell[..., None]) @ absv)
+    if tf:
+        # Subnormal P or V entries rounded to tf32: absolute errors.
+        num_err = num_err + eta_tf * (1 + g_pv) * (
+            p_up.sum(-1)[..., None] * (1 + u_pp) + (finite / ell[..., None]) @ absv + eta_tf
+        )
     theta = g_l
     fallback |= theta >= 0.5
     theta = np.where(theta >= 0.5, 0.0, theta)
@@ -234,14 +260,24 @@ def attention_bound(ref, model: PrecisionModel, *, attn_mask=None, block_n=None,
     bound = np.where(fallback[..., None], coarse, bound)
     bound = np.where(masked_row[..., None], 0.0, bound)
 
-    # Logits that overflow their format break the model: no bound.
+    # Logits that overflow their format break the model: no bound. So do
+    # inputs that overflow when rounded to tf32 (its largest value is below fp32's).
     big = np.max(np.where(finite, mag_sS + a, 0.0), axis=-1) > FORMATS[model.logits].max / 4
+    if tf:
+        tf_max = FORMATS["tf32"].max
+        over = (np.abs(q) > tf_max).any(-1) | (np.abs(k) > tf_max).any(-1).any(-1)[..., None]
+        over |= (np.abs(v) > tf_max).any(-1).any(-1)[..., None]
+        big = big | over
     bound = np.where(big[..., None], np.inf, bound)
 
     # --- (7) log-sum-exp ----------------------------------------------------
-    sPE_abs = np.sum(p * E_abs, axis=-1) + eta_exp * n_keys / ell + g_l
-    lse_fallback = sPE_abs >= 0.5
-    lse_core = -np.log1p(-np.minimum(sPE_abs, 0.5))
+    # log sum_j P_j e^{e_j} bounds the weights' effect both ways (Jensen), and
+    # stays finite however large the logit errors: LSE is 1-Lipschitz.
+    with np.errstate(divide="ignore"):
+        lse_w = _logsumexp(np.where(finite & (p > 0), np.log(p) + e_abs, -np.inf))
+    tail = eta_exp * n_keys / ell + g_l
+    lse_fallback = tail >= 0.5
+    lse_core = np.where(masked_row, 0.0, lse_w) - np.log1p(-np.minimum(tail, 0.5))
     lse = np.where(masked_row, -np.inf, ref.lse)
     lse_abs = np.abs(np.where(masked_row, 0.0, lse))
     if exp2:
@@ -293,7 +329,7 @@ def softmax_bound(x, model: PrecisionModel, *, online: bool = True) -> np.ndarra
         e = e + u_log * np.abs(x0) + _u("fp32") * np.abs(x0 - m[..., None])
     e = e - np.log1p(-u_exp) - r * np.log1p(-u_resc)
     E = np.where(finite, np.expm1(e), 0.0)
-    sPE = np.sum(p * E, -1)
+    sPE = np.sum(_p_times_expm1(p, np.where(finite, e, 0.0)), -1)
     theta = gamma(finite.sum(-1) + np.max(r, axis=-1, initial=0) + 1, _u(model.l_acc))
     bad = (sPE >= 0.5) | (theta >= 0.5)
     sPE = np.where(bad, 0.0, sPE)

@@ -1,0 +1,139 @@
+"""Pins of Triton interpreter behaviour that kernels/triton_flash.py relies on.
+
+Each test asserts what the interpreter does today; one failing means Triton
+changed and the CPU path (UPCAST_DOT, the CPU precision model) needs a look.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # read when @triton.jit runs
+
+import ml_dtypes  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from kernels.precision import round_to  # noqa: E402
+
+
+@triton.jit
+def _dot_kernel(A, B, C, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    r = tl.arange(0, 16)
+    a = tl.load(A + r[:, None] * 16 + r[None, :])
+    b = tl.load(B + r[:, None] * 16 + r[None, :])
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    tl.store(C + r[:, None] * 16 + r[None, :], tl.dot(a, b, input_precision=PREC))
+
+
+@triton.jit
+def _exp2_kernel(X, Y, N: tl.constexpr):
+    r = tl.arange(0, N)
+    tl.store(Y + r, tl.math.exp2(tl.load(X + r)))
+
+
+@triton.jit
+def _div_kernel(X, Y, Z, N: tl.constexpr):
+    r = tl.arange(0, N)
+    tl.store(Z + r, tl.math.div_rn(tl.load(X + r), tl.load(Y + r)))
+
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="pins the CPU interpreter only")
+
+
+def _dot(a, b, upcast, prec="ieee"):
+    c = torch.empty((16, 16), dtype=torch.float32)
+    _dot_kernel[(1,)](a, b, c, UPCAST=upcast, PREC=prec)
+    return c
+
+
+def test_bf16_dot_is_wrong_in_the_interpreter():
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn((16, 16), generator=gen).bfloat16()
+    b = torch.randn((16, 16), generator=gen).bfloat16()
+    exact = a.double() @ b.double()
+    raw = _dot(a, b, upcast=False)
+    # Today the interpreter multiplies the bf16 bit patterns: far from the product.
+    assert (raw.double() - exact).abs().max().item() > 1.0, "bf16 tl.dot is now right: drop the UPCAST path?"
+    # Upcasting first is exact per product; fp32 accumulation of 16 terms stays within 16 fp32 ulps.
+    up = _dot(a, b, upcast=True)
+    assert (up.double() - exact).abs().max().item() <= 16 * 2.0**-24 * (a.double().abs() @ b.double().abs()).max()
+
+
+def test_fp16_dot_upcast_matches_fp32_product():
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randn((16, 16), generator=gen).half()
+    b = torch.randn((16, 16), generator=gen).half()
+    up = _dot(a, b, upcast=True)
+    ref = (a.float() @ b.float())
+    assert (up - ref).abs().max().item() <= 16 * 2.0**-24 * (a.float().abs() @ b.float().abs()).max()
+
+
+def test_tf32_is_ignored_by_the_interpreter():
+    # Values needing more than tf32's 11 significant bits: a tf32 dot would round them.
+    a = torch.full((16, 16), 1 + 2.0**-20, dtype=torch.float32)
+    b = torch.eye(16, dtype=torch.float32)
+    assert torch.equal(_dot(a, b, upcast=False, prec="tf32"), a)
+    assert torch.equal(_dot(a, b, upcast=False, prec="ieee"), a)
+
+
+def test_exp2_within_one_ulp_of_correct_rounding():
+    x = np.linspace(-140.0, 10.0, 4090).astype(np.float32)
+    x = np.concatenate([x, np.float32([0.0, -0.5, -1e-7, -126.0, -149.0, -148.0])])
+    y = torch.empty(x.size, dtype=torch.float32)
+    _exp2_kernel[(1,)](torch.from_numpy(x), y, N=x.size)
+    got = y.numpy().astype(np.float64)
+    want = round_to(np.exp2(x.astype(np.float64)), "fp32")
+    ulp = np.spacing(np.abs(want).astype(np.float32)).astype(np.float64)
+    assert np.all(np.abs(got - want) <= ulp), "interpreter exp2 is off by more than 1 ulp"
+    # Subnormal results are kept (the GPU's ex2.approx.ftz.f32 flushes them to 0).
+    assert got[-2] == 2.0**-149 and got[-1] == 2.0**-148
+
+
+def test_exp2_of_minus_inf_is_zero():
+    y = torch.empty(16, dtype=torch.float32)
+    _exp2_kernel[(1,)](torch.full((16,), -float("inf")), y, N=16)
+    assert torch.equal(y, torch.zeros(16))
+
+
+def test_div_rn_is_correctly_rounded():
+    gen = np.random.default_rng(2)
+    x = gen.standard_normal(256).astype(np.float32)
+    d = (gen.random(256) + 0.5).astype(np.float32)
+    z = torch.empty(256, dtype=torch.float32)
+    _div_kernel[(1,)](torch.from_numpy(x), torch.from_numpy(d), z, N=256)
+    want = round_to(x.astype(np.float64) / d.astype(np.float64), "fp32")
+    assert np.array_equal(z.numpy().astype(np.float64), want)
+
+
+@triton.jit
+def _cast_kernel(X, Y, BF16: tl.constexpr):
+    r = tl.arange(0, 16)
+    x = tl.load(X + r)
+    if BF16:
+        tl.store(Y + r, x.to(tl.bfloat16))
+    else:
+        tl.store(Y + r, x.to(tl.float16))
+
+
+def test_fp32_to_bf16_conversion_truncates_in_the_interpreter():
+    # Quirk: the interpreter converts fp32 -> bf16 toward zero, where the GPU
+    # (cvt.rn.bf16.f32) rounds to nearest. On the CPU path this rounds P and
+    # the output of bf16 attention toward zero.
+    x = np.float32([1 + 2.0**-8 + 2.0**-20, -(1 + 2.0**-8 + 2.0**-20), 1 + 2.0**-7 + 2.0**-8 + 2.0**-9] + [0.5] * 13)
+    y = torch.empty(16, dtype=torch.bfloat16)
+    _cast_kernel[(1,)](torch.from_numpy(x), y, BF16=True)
+    got = y.float().numpy().astype(np.float64)
+    assert np.array_equal(got, round_to(x.astype(np.float64), "bf16", mode="zero")), "bf16 cast changed"
+    assert not np.array_equal(got, x.astype(ml_dtypes.bfloat16).astype(np.float64))
+
+
+def test_fp32_to_fp16_conversion_rounds_to_nearest():
+    x = np.float32([1 + 2.0**-11 + 2.0**-20, -(1 + 2.0**-11 + 2.0**-20), 1 + 2.0**-11] + [0.5] * 13)
+    y = torch.empty(16, dtype=torch.float16)
+    _cast_kernel[(1,)](torch.from_numpy(x), y, BF16=False)
+    assert np.array_equal(y.numpy().astype(np.float64), round_to(x.astype(np.float64), "fp16"))

@@ -1,0 +1,204 @@
+"""Benchmarks run by ``python -m verify bench NAME``, and their registry.
+
+A benchmark is a function ``fn(argv: list[str]) -> int`` (its own options
+parsed from ``argv``; return an exit status) registered under a name:
+
+    @register_bench("kernel", "throughput of the Triton kernel")
+    def bench_kernel(argv):
+        ...
+
+The CLI lists every registered name under ``bench``.
+
+>>> sorted(BENCHES)
+['oracle']
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["BENCHES", "bench_oracle", "oracle_timings", "plain_attention", "register_bench"]
+
+
+@dataclass(frozen=True)
+class Bench:
+    name: str
+    help: str
+    run: Callable[[list[str]], int]
+
+
+BENCHES: dict[str, Bench] = {}
+
+
+def register_bench(name: str, help: str):
+    """Decorator: register ``fn(argv) -> int`` as ``python -m verify bench name``."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"bench name must be an identifier-like string, got {name!r}")
+    if name in BENCHES:
+        raise ValueError(f"a bench named {name!r} is already registered")
+
+    def decorate(fn):
+        if not callable(fn):
+            raise TypeError(f"bench {name!r} must be callable")
+        BENCHES[name] = Bench(name, help, fn)
+        return fn
+
+    return decorate
+
+
+# ---------------------------------------------------------------------------
+# oracle benchmark
+
+DEFAULT_SIZES = ((256, 64), (1024, 128), (2048, 128))
+
+
+def plain_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.ndarray:
+    """Textbook float64 attention (no bound): the baseline the oracle's cost
+    is measured against."""
+    s = q @ k.swapaxes(-1, -2)
+    s *= scale
+    s -= s.max(axis=-1, keepdims=True)
+    np.exp(s, out=s)
+    s /= s.sum(axis=-1, keepdims=True)
+    return s @ v
+
+
+def _best_time(fn, repeat: int, min_total_s: float = 0.5) -> float:
+    """Best of at least ``repeat`` calls, and of as many more as fit in
+    ``min_total_s`` (at most 100): the machine may be shared, and short
+    calls need many samples to find an undisturbed one."""
+    best, spent, n = math.inf, 0.0, 0
+    while n < repeat or (spent < min_total_s and n < 100):
+        t0 = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t0
+        best, spent, n = min(best, dt), spent + dt, n + 1
+    return best
+
+
+def oracle_timings(N: int, D: int, *, repeat: int = 3, mp_budget_s: float = 60.0, seed: int = 0,
+                   log=None) -> dict:
+    """Times of plain float64, certified ``auto`` and all-rows ``mpmath`` on
+    one head of standard-normal fp16 inputs of shape (1, 1, N, D).
+
+    mpmath is timed on every row if that is expected to take less than
+    ``mp_budget_s``; otherwise on the first row (which also pays the one-off
+    conversion of K and V to integers) plus as many random rows as fit in a
+    tenth of the budget, extrapolated linearly in the number of rows (every
+    row costs the same: N exps and N x D exact products).
+    """
+    from verify import oracle
+
+    for name, value in (("N", N), ("D", D), ("repeat", repeat)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    rng = np.random.default_rng(seed)
+    q, k, v = (rng.standard_normal((1, 1, N, D)).astype(np.float16) for _ in range(3))
+    q64, k64, v64 = (x.astype(np.float64) for x in (q, k, v))
+    scale = 1.0 / math.sqrt(D)
+    plain_attention(q64, k64, v64, scale)  # warm up BLAS threads and caches
+    t_plain = _best_time(lambda: plain_attention(q64, k64, v64, scale), repeat)
+    result = {}
+
+    def run_auto():
+        result["r"] = oracle.attention(q, k, v)
+
+    t_auto = _best_time(run_auto, repeat)
+    r = result["r"]
+    # mpmath: time the first row (it also converts K and V to integers once)
+    # to decide between timing all rows and extrapolating
+    pr = oracle._prepare(q, k, v, None, False, None, False, None)
+    t0 = time.perf_counter()
+    pr.mp_row(0, 0, 0, 128)
+    first = time.perf_counter() - t0
+    if first * N <= mp_budget_s:
+        t_mp = _best_time(lambda: oracle.attention(q, k, v, mode="mpmath"), 1, min_total_s=0.0)
+        rows_timed, extrapolated = N, False
+    else:
+        n = max(2, min(N - 1, int(0.1 * mp_budget_s / first)))
+        idx = np.random.default_rng(seed).choice(np.arange(1, N), size=n, replace=False)
+        t0 = time.perf_counter()
+        for i in idx:
+            pr.mp_row(0, 0, int(i), 128)
+        t_mp = first + (time.perf_counter() - t0) / n * (N - 1)
+        rows_timed, extrapolated = n + 1, True
+    out = {
+        "N": N, "D": D, "dtype": "fp16", "plain_s": t_plain, "auto_s": t_auto, "mpmath_s": t_mp,
+        "auto_over_plain": t_auto / t_plain, "mpmath_over_plain": t_mp / t_plain,
+        "mpmath_over_auto": t_mp / t_auto, "mp_rows": r.mp_rows, "certified": r.certified,
+        "max_rel_bound": float((r.err_bound / np.maximum(np.abs(r.out), r.row_scale)).max()),
+        "mpmath_rows_timed": rows_timed, "mpmath_extrapolated": extrapolated,
+    }
+    if log:
+        log(_format_row(out))
+    return out
+
+
+_HEADER = (f"{'N':>5} {'D':>4} {'plain f64':>10} {'auto':>10} {'mpmath':>12} {'auto/plain':>10} "
+           f"{'mp/plain':>10} {'mp_rows':>7} {'certified':>9}  max bound/scale")
+
+
+def _format_row(t: dict) -> str:
+    mp = f"{t['mpmath_s']:.3g}s" + ("*" if t["mpmath_extrapolated"] else "")
+    return (f"{t['N']:>5} {t['D']:>4} {t['plain_s'] * 1e3:>8.1f}ms {t['auto_s'] * 1e3:>8.1f}ms {mp:>12} "
+            f"{t['auto_over_plain']:>10.2f} {t['mpmath_over_plain']:>10.3g} {t['mp_rows']:>7} "
+            f"{str(t['certified']):>9}  {t['max_rel_bound']:.2e}")
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        n, d = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like NxD (e.g. 2048x128), got {text!r}") from None
+    if n < 1 or d < 1:
+        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    return n, d
+
+
+@register_bench("oracle", "cost of the certified oracle next to plain float64 and mpmath")
+def bench_oracle(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m verify bench oracle",
+        description="Time the certified oracle (mode auto), plain float64 NumPy attention and the "
+                    "all-mpmath oracle on one head of standard-normal fp16 inputs.")
+    parser.add_argument("--size", type=_size, action="append", metavar="NxD",
+                        help="problem size (repeatable); default 256x64, 1024x128, 2048x128")
+    parser.add_argument("--repeat", type=int, default=3, help="timing repeats, best kept (default 3)")
+    parser.add_argument("--mp-budget", type=float, default=60.0, metavar="SECONDS",
+                        help="time all mpmath rows only below this estimate, else extrapolate (default 60)")
+    parser.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
+    args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    if not args.mp_budget > 0:
+        parser.error("--mp-budget must be positive")
+    sizes = args.size or list(DEFAULT_SIZES)
+    threads = os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS") or "default"
+    print(f"numpy {np.__version__}, python {platform.python_version()}, {platform.machine()}, "
+          f"{os.cpu_count()} CPUs, BLAS threads: {threads}; plain and auto: best of >= --repeat runs "
+          "(and >= 0.5 s of runs); all measured in this run")
+    print(_HEADER)
+    rows = [oracle_timings(n, d, repeat=args.repeat, mp_budget_s=args.mp_budget, log=print) for n, d in sizes]
+    if any(r["mpmath_extrapolated"] for r in rows):
+        print("* mpmath timed on a random subset of rows (shown below) and extrapolated linearly to all rows:")
+        for r in rows:
+            if r["mpmath_extrapolated"]:
+                print(f"  {r['N']}x{r['D']}: {r['mpmath_rows_timed']} of {r['N']} rows timed")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=2)
+    return 0 if all(r["certified"] for r in rows) else 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(bench_oracle(sys.argv[1:]))

@@ -1,0 +1,725 @@
+"""The certified reference for scaled dot-product attention.
+
+The oracle reads the exact values of the inputs a kernel saw (float16,
+bfloat16 and float32 all embed exactly in float64) and returns the attention
+output together with an elementwise bound on its own error. Semantics are
+those of ``torch.nn.functional.scaled_dot_product_attention``.
+
+Modes:
+  "auto"     float64 with a rigorous a-posteriori bound; rows whose bound is
+             not below the target (``rtol_target``) are recomputed with exact
+             integer dot products and mpmath exp (see docs/oracle.md).
+  "float64"  the float64 pass only: bounds are still rigorous, but no row is
+             recomputed.
+  "mpmath"   every row recomputed at ``prec`` bits (at least 113).
+
+>>> import numpy as np
+>>> rng = np.random.default_rng(0)
+>>> q, k, v = (rng.standard_normal((1, 2, 5, 4)).astype(np.float16) for _ in range(3))
+>>> r = attention(q, k, v, is_causal=True)
+>>> r.out.shape, bool((r.err_bound < 1e-12).all()), r.mp_rows
+((1, 2, 5, 4), True, 0)
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+
+import mpmath
+import numpy as np
+
+from kernels.precision import format_of, to_float64
+from verify._mp import dyadic_ints, mp_exp_weights, mp_row, ratio_to_float
+
+__all__ = [
+    "DEFAULT_RTOL_TARGET",
+    "AttentionResult",
+    "CertificationError",
+    "CrosscheckReport",
+    "SoftmaxResult",
+    "attention",
+    "attention_case",
+    "crosscheck",
+    "logsumexp",
+    "softmax",
+]
+
+U = 2.0**-53  # unit roundoff of float64
+#: NumPy's float64 exp and log are taken to be within 4 units in the last
+#: place (glibc and NumPy's SIMD code claim < 1 ulp and < 2.52 ulp); 1 ulp is
+#: at most 2u relative.
+EXP_ULPS = 4
+RHO = 2 * EXP_ULPS * U
+#: Absolute error allowance for results in or near the subnormal range
+#: (exp's output, the scale multiply and the adds can underflow).
+ETA = 4 * 2.0**-1074
+#: Entries with exp(d + sigma) < exp(-L_NEG) are treated as "negligible".
+L_NEG = 700.0
+#: Multiplies every first-order bound. It absorbs the neglected second-order
+#: terms (all products of two quantities <= 0.01 times first-order ones, and
+#: factors (1 + gamma_n) <= 1 + 1e-6 for n <= 2**33) and the rounding in the
+#: evaluation of the bound itself (a few dozen operations, relative 1e-14).
+SAFETY = 2.0
+#: A row is certified when its bound is at most this times
+#: max(|O_ic|, sum_j P_ij |V_jc|): 1e-3 of fp32's unit roundoff.
+DEFAULT_RTOL_TARGET = 1e-3 * 2.0**-24
+MIN_PREC = 113
+#: Results are float64: rounding alone costs up to u = 2**-53 relative.
+MIN_RTOL_TARGET = 2.0**-50
+_MODES = ("auto", "float64", "mpmath")
+
+
+def gamma(n: int, u: float = U) -> float:
+    """Higham's gamma_n = n u / (1 - n u): bound on the relative error of a
+    sum or dot product of n terms in any order (FMA or not)."""
+    if n * u >= 0.01:
+        raise ValueError(f"gamma({n}) is too large for these bounds (n u = {n * u:g})")
+    return n * u / (1 - n * u)
+
+
+# ---------------------------------------------------------------------------
+# results
+
+
+@dataclass(frozen=True)
+class AttentionResult:
+    """Reference attention output with certified error bounds.
+
+    ``err_bound[b, h, i, c]`` bounds |out - exact attention of the inputs|.
+    ``row_scale`` is sum_j P_ij |V_jc|, the magnitude the tolerance of row i
+    is measured against (approximate, not itself certified).
+    Intermediates (``keep=True``) are float64 approximations (not certified
+    elementwise beyond their use in the bound code): ``s`` logits with the
+    additive mask, -inf where masked; ``p`` probabilities; ``q``, ``k``,
+    ``v`` the exact inputs with kv heads expanded to query heads.
+    """
+
+    out: np.ndarray
+    lse: np.ndarray
+    err_bound: np.ndarray
+    lse_err_bound: np.ndarray
+    row_scale: np.ndarray
+    mp_rows: int
+    mode: str
+    prec: int
+    scale: float
+    rtol_target: float
+    certified: bool
+    s: np.ndarray | None = None
+    p: np.ndarray | None = None
+    q: np.ndarray | None = None
+    k: np.ndarray | None = None
+    v: np.ndarray | None = None
+    dq: np.ndarray | None = None
+    dk: np.ndarray | None = None
+    dv: np.ndarray | None = None
+    dq_err_bound: np.ndarray | None = None
+    dk_err_bound: np.ndarray | None = None
+    dv_err_bound: np.ndarray | None = None
+    mp_row_index: tuple = field(default=(), repr=False)
+
+    def summary(self) -> dict:
+        """Scalars for a JSON report."""
+        return {
+            "mode": self.mode, "mp_rows": self.mp_rows, "certified": self.certified,
+            "max_err_bound": float(self.err_bound.max(initial=0.0)),
+            "max_lse_err_bound": float(self.lse_err_bound.max(initial=0.0)),
+            "scale": self.scale, "rtol_target": self.rtol_target,
+        }
+
+
+@dataclass(frozen=True)
+class SoftmaxResult:
+    """``value`` with the elementwise bound ``err_bound`` on |value - exact|."""
+
+    value: np.ndarray
+    err_bound: np.ndarray
+    mp_rows: int
+    mode: str
+
+
+@dataclass(frozen=True)
+class CrosscheckReport:
+    """Result of `crosscheck`: ``ok`` when every checked element of the
+    oracle lies within its bound of a higher-precision recomputation.
+    ``worst_ratio`` is max |oracle - high precision| / allowed (<= 1 if ok)."""
+
+    ok: bool
+    rows: tuple
+    worst_ratio: float
+    failures: tuple
+    prec: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class CertificationError(AssertionError):
+    """The oracle's result lies outside its certified bound of a
+    higher-precision recomputation (raised by ``crosscheck_rows``)."""
+
+
+# ---------------------------------------------------------------------------
+# input handling
+
+
+def _exact(x, name: str, *, allow_bool: bool = False) -> np.ndarray:
+    """Exact float64 values of a NumPy array or torch tensor."""
+    if x is None:
+        raise TypeError(f"{name} must be an array, got None")
+    dtype = getattr(x, "dtype", None)
+    if dtype is None or not hasattr(x, "shape"):
+        raise TypeError(f"{name} must be a NumPy array or torch tensor, got {type(x).__name__}")
+    text = str(dtype).replace("torch.", "")
+    if text == "bool":
+        if not allow_bool:
+            raise TypeError(f"{name} must be a floating-point array, got dtype bool")
+        return np.asarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x, dtype=bool)
+    try:
+        format_of(dtype)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} has unsupported dtype {text}: expected float16, bfloat16, float32 "
+                        f"or float64") from exc
+    return to_float64(x)
+
+
+def _check_finite(x: np.ndarray, name: str) -> None:
+    if np.isnan(x).any():
+        raise ValueError(f"{name} contains NaN at index {tuple(int(i) for i in np.argwhere(np.isnan(x))[0])}")
+    if np.isinf(x).any():
+        raise ValueError(f"{name} contains Inf at index {tuple(int(i) for i in np.argwhere(np.isinf(x))[0])}")
+
+
+@dataclass
+class _Problem:
+    q: np.ndarray  # (B, H, Nq, D), kv heads expanded
+    k: np.ndarray
+    v: np.ndarray
+    allowed: np.ndarray | None  # bool, broadcastable to (B, H, Nq, Nk)
+    add: np.ndarray | None  # finite additive mask (0 where not allowed)
+    scale: float
+    groups: int
+    hkv: int
+    dout: np.ndarray | None
+    _cache: dict = field(default_factory=dict)
+
+    @property
+    def shape(self):
+        B, H, Nq, _ = self.q.shape
+        return B, H, Nq, self.k.shape[2], self.v.shape[3]
+
+    def allowed_row(self, b, h, i) -> np.ndarray:
+        Nk = self.k.shape[2]
+        if self.allowed is None:
+            return np.ones(Nk, dtype=bool)
+        return np.broadcast_to(self.allowed, self.q.shape[:3] + (Nk,))[b, h, i]
+
+    def head_ints(self, b, h):
+        key = (b, h // self.groups)
+        if key not in self._cache:
+            self._cache[key] = (dyadic_ints(self.k[b, h]), dyadic_ints(self.v[b, h]))
+        return self._cache[key]
+
+    def exact_logits(self, b, h, i):
+        """Row i's logits as integers times a power of two, exactly."""
+        (k_int, ek), _ = self.head_ints(b, h)
+        q_int, eq = dyadic_ints(self.q[b, h, i])
+        s_int, es = dyadic_ints(np.array([self.scale]))
+        x = (k_int @ q_int) * s_int[0]
+        ex = ek + eq + es
+        if self.add is None:
+            return x, ex
+        a = np.broadcast_to(self.add, self.q.shape[:3] + (self.k.shape[2],))[b, h, i]
+        a_int, ea = dyadic_ints(a)
+        e = min(ex, ea)
+        return (x << (ex - e)) + (a_int << (ea - e)), e
+
+    def mp_row(self, b, h, i, prec):
+        s_int, es = self.exact_logits(b, h, i)
+        _, (v_int, ev) = self.head_ints(b, h)
+        return mp_row(s_int, es, self.allowed_row(b, h, i), v_int, ev, self.v[b, h], prec)
+
+
+def _prepare(q, k, v, attn_mask, is_causal, scale, enable_gqa, dout) -> _Problem:
+    q64, k64, v64 = _exact(q, "q"), _exact(k, "k"), _exact(v, "v")
+    for name, x in (("q", q64), ("k", k64), ("v", v64)):
+        if x.ndim != 4:
+            raise ValueError(f"{name} must have rank 4 (B, H, N, D), got shape {x.shape}")
+        if 0 in x.shape:
+            raise ValueError(f"{name} must not be empty, got shape {x.shape}")
+        _check_finite(x, name)
+    B, H, Nq, D = q64.shape
+    if k64.shape[0] != B or v64.shape[0] != B:
+        raise ValueError(f"batch sizes differ: q {q64.shape}, k {k64.shape}, v {v64.shape}")
+    if k64.shape[3] != D:
+        raise ValueError(f"k's head dim {k64.shape[3]} differs from q's {D}")
+    if k64.shape[1:3] != v64.shape[1:3]:
+        raise ValueError(f"k {k64.shape} and v {v64.shape} must agree in heads and length")
+    Hkv, Nk = k64.shape[1], k64.shape[2]
+    if not isinstance(is_causal, (bool, np.bool_)):
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    if not isinstance(enable_gqa, (bool, np.bool_)):
+        raise TypeError(f"enable_gqa must be a bool, got {type(enable_gqa).__name__}")
+    if Hkv != H:
+        if not enable_gqa:
+            raise ValueError(f"q has {H} heads but k/v have {Hkv}: pass enable_gqa=True for GQA/MQA")
+        if H % Hkv:
+            raise ValueError(f"enable_gqa needs q's heads ({H}) to be a multiple of k/v's ({Hkv})")
+    groups = H // Hkv
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)  # what torch does, in float64
+    elif isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    allowed = add = None
+    if attn_mask is not None:
+        if is_causal:
+            raise ValueError("is_causal=True and attn_mask are mutually exclusive (as in torch's SDPA)")
+        m = _exact(attn_mask, "attn_mask", allow_bool=True)
+        try:
+            np.broadcast_shapes(m.shape, (B, H, Nq, Nk))
+            if m.ndim > 4:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"attn_mask of shape {m.shape} does not broadcast to (B, H, Nq, Nk) = "
+                             f"{(B, H, Nq, Nk)}") from None
+        m = m.reshape((1,) * (4 - m.ndim) + m.shape)
+        if m.dtype == bool:
+            allowed = m
+        else:
+            if np.isnan(m).any():
+                raise ValueError("attn_mask contains NaN")
+            if (m == np.inf).any():
+                raise ValueError("attn_mask contains +inf (the softmax would be undefined)")
+            allowed = m != -np.inf
+            add = np.where(allowed, m, 0.0)
+            if allowed.all():
+                allowed = None
+    elif is_causal:
+        allowed = np.tri(Nq, Nk, dtype=bool)[None, None]  # key j visible to query i iff j <= i
+    d64 = None
+    if dout is not None:
+        d64 = _exact(dout, "dout")
+        if d64.shape != (B, H, Nq, v64.shape[3]):
+            raise ValueError(f"dout must have the output's shape {(B, H, Nq, v64.shape[3])}, got {d64.shape}")
+        _check_finite(d64, "dout")
+    if groups > 1:
+        k64, v64 = np.repeat(k64, groups, axis=1), np.repeat(v64, groups, axis=1)
+    return _Problem(q64, k64, v64, allowed, add, scale, groups, Hkv, d64)
+
+
+# ---------------------------------------------------------------------------
+# float64 pass
+
+
+def _float_forward(pr: _Problem, keep: bool, need_p: bool) -> dict:
+    q, k, v, scale = pr.q, pr.k, pr.v, pr.scale
+    B, H, Nq, Nk, Dv = pr.shape
+    D = q.shape[3]
+    gD, gK = gamma(D), gamma(Nk)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
+        s = np.matmul(q, k.swapaxes(-1, -2))
+        s *= scale
+        if pr.add is not None:
+            s += pr.add
+        if pr.allowed is not None:
+            s = np.where(pr.allowed, s, -np.inf)
+        s_keep = s.copy() if keep else None
+        m = s.max(axis=-1, keepdims=True)
+        empty = m == -np.inf  # fully masked rows
+        m_shift = np.where(empty, 0.0, m)
+        s -= m_shift  # d = s - m (in place)
+        # sigma_i bounds the error of d_ij (docs/oracle.md, step 2)
+        qn = np.sqrt(np.einsum("bhnd,bhnd->bhn", q, q))[..., None] * (1 + gamma(D + 2))
+        kn = np.sqrt(np.einsum("bhnd,bhnd->bhn", k, k)).max(axis=-1)[..., None, None] * (1 + gamma(D + 2))
+        sigma = ((gD + 3 * U) * abs(scale) * qn * kn * 1.001 + 1.001 * U * np.abs(m_shift) + ETA)
+        if pr.add is not None:
+            sig = sigma + 2.01 * U * np.abs(pr.add)
+            sig = np.where(s + sig < -L_NEG, 0.0, sig)  # negligible entries are bounded separately
+            sigma = sig.max(axis=-1, keepdims=True)
+        e = np.exp(s, out=s)
+        ell = e.sum(axis=-1, keepdims=True)
+        y = np.matmul(e, v)
+        mabs = np.matmul(e, np.abs(v))
+        ell_safe = np.where(empty, 1.0, ell)
+        out = y / ell_safe
+        row_scale = mabs / ell_safe
+        kappa = (RHO + np.expm1(sigma)) / (1 - RHO)
+        tau_abs = math.exp(-L_NEG) * (1 + RHO) + 1.02 * ETA
+        F = kappa * (1 + 3 * gK) + Nk * tau_abs / ell_safe * 1.01
+        vmax = np.abs(v).max(axis=-2, keepdims=True)
+        aout = np.abs(out)
+        err = SAFETY * ((gK + kappa) * (row_scale + aout) + U * aout
+                        + Nk * tau_abs * (vmax + aout) / ell_safe) / (1 - F)
+        log_ell = np.log(ell_safe)
+        lse = m_shift + log_ell
+        lse_err = SAFETY * (1.02 * (gK + F) + RHO * np.abs(log_ell) + U * np.abs(lse))
+        bad = ~((sigma <= 0.01) & (F < 0.01) & np.isfinite(m_shift))
+        err = np.where(empty, 0.0, err)
+        out = np.where(empty, 0.0, out)
+        lse = np.where(empty, -np.inf, lse)
+        lse_err = np.where(empty, 0.0, lse_err)
+        res = {
+            "out": out, "err": err, "lse": lse[..., 0], "lse_err": lse_err[..., 0],
+            "row_scale": np.where(empty, 0.0, row_scale), "bad": (bad & ~empty)[..., 0],
+        }
+        if keep or need_p:
+            res["p"] = e / ell_safe
+            res["pi"] = np.where(empty, 0.0, 1.01 * (kappa + F + gK + U))[..., 0]
+            res["tau"] = np.where(empty, 0.0, 1.02 * tau_abs / ell_safe)[..., 0]
+        if keep:
+            res["s"] = s_keep
+    return res
+
+
+def _certified_rows(res: dict, rtol: float) -> np.ndarray:
+    with np.errstate(invalid="ignore"):
+        tol = rtol * np.maximum(np.abs(res["out"]), res["row_scale"])
+        ok_out = (res["err"] <= tol).all(axis=-1)
+        ok_lse = res["lse_err"] <= rtol * np.maximum(np.abs(res["lse"]), 1.0)
+        ok_lse |= res["lse"] == -np.inf
+    return ok_out & ok_lse & ~res["bad"]
+
+
+def _fill_mp_rows(pr: _Problem, res: dict, rows, prec: int, want_mp: bool = False) -> None:
+    if want_mp:  # multiple-precision P and O for the gradients of mode "mpmath"
+        B, H, Nq, Nk, Dv = pr.shape
+        res["p_mp"] = np.empty((B, H, Nq, Nk), dtype=object)
+        res["out_mp"] = np.empty((B, H, Nq, Dv), dtype=object)
+        res["pi_mp"] = np.zeros((B, H, Nq))
+        res["err_mp"] = np.zeros((B, H, Nq, Dv))
+    for b, h, i in rows:
+        r = pr.mp_row(b, h, i, prec)
+        if want_mp:
+            res["p_mp"][b, h, i] = r.p_mp
+            res["out_mp"][b, h, i] = r.out_mp
+            res["pi_mp"][b, h, i] = r.pi_mp
+            res["err_mp"][b, h, i] = r.err_mp
+        res["out"][b, h, i] = r.out
+        res["err"][b, h, i] = r.err
+        res["lse"][b, h, i] = r.lse
+        res["lse_err"][b, h, i] = r.lse_err
+        res["row_scale"][b, h, i] = r.row_scale
+        if "p" in res:
+            res["p"][b, h, i] = r.p
+            res["pi"][b, h, i] = r.pi
+            res["tau"][b, h, i] = r.tau
+        if "s" in res:
+            res["s"][b, h, i] = r.s
+
+
+# ---------------------------------------------------------------------------
+# gradients
+
+
+def _backward(P, O, dO, Q, K, V, scale, pi, tau, E, u, groups, to_float):
+    """dQ, dK, dV and their bounds; the arrays may be float64 or object
+    arrays of mpf (then every operation rounds with unit roundoff ``u``).
+    |P_hat - P| <= pi p_hat + tau rowwise; |O_hat - O| <= E."""
+    B, H, Nq, Nk = P.shape
+    Dv = V.shape[3]
+
+    def t(x):
+        return x.swapaxes(-1, -2)
+
+    dV = t(P) @ dO
+    dP = dO @ t(V)
+    Dvec = (dO * O).sum(axis=-1)
+    X = dP - Dvec[..., None]
+    dS = P * X
+    dQ = (dS @ K) * scale
+    dK = (t(dS) @ Q) * scale
+
+    def f(x):
+        return np.abs(to_float(x))
+
+    pf, Xf, dSf, dOf = f(P), f(X), f(dS), f(dO)
+    Qf, Kf, Vf = f(Q), f(K), f(V)
+    pi_, tau_ = pi[..., None], tau[..., None]
+    gq, gk, gd = gamma(Nq, u), gamma(Nk, u), gamma(Dv, u)
+    with np.errstate(over="ignore", invalid="ignore"):
+        edv = t((pi_ + gq) * pf + tau_) @ dOf + u * f(dV)
+        don = np.sqrt((dOf * dOf).sum(-1)) * (1 + gamma(Dv + 2))
+        vn = np.sqrt((Vf * Vf).sum(-1)) * (1 + gamma(Dv + 2))
+        ed = (dOf * E).sum(-1) + gd * (dOf * f(O)).sum(-1) * 1.01
+        ex = gd * don[..., :, None] * vn[..., None, :] + ed[..., None] + u * Xf
+        eds = (pi_ * pf + tau_) * Xf + (pf * (1 + pi_) + tau_) * ex + u * dSf
+        edq = abs(scale) * ((eds + gk * dSf) @ Kf) + 2 * u * f(dQ)
+        edk = abs(scale) * (t(eds + gq * dSf) @ Qf) + 2 * u * f(dK)
+    Hkv = H // groups
+
+    def group_sum(x, ex_):
+        xs = x.reshape(B, Hkv, groups, *x.shape[2:])
+        total = xs.sum(axis=2)
+        if groups == 1:
+            return total, ex_
+        bound = ex_.reshape(B, Hkv, groups, *x.shape[2:]).sum(axis=2)
+        bound = bound + gamma(groups, u) * f(xs).sum(axis=2)
+        return total, bound
+
+    dK, edk = group_sum(dK, edk)
+    dV, edv = group_sum(dV, edv)
+    return dQ, dK, dV, SAFETY * edq, SAFETY * edk, SAFETY * edv
+
+
+def _float_grads(pr, res):
+    ident = np.asarray
+    return _backward(res["p"], res["out"], pr.dout, pr.q, pr.k, pr.v, pr.scale,
+                     res["pi"], res["tau"], res["err"], U, pr.groups, ident)
+
+
+def _mp_grads(pr, res, prec):
+    to_mp = np.vectorize(mpmath.mpf, otypes=[object])
+
+    def to_float(x):
+        return np.asarray(x, dtype=object).astype(np.float64) if np.asarray(x).dtype == object else x
+
+    with mpmath.workprec(prec):
+        args = [res["p_mp"], res["out_mp"]] + [to_mp(a) for a in (pr.dout, pr.q, pr.k, pr.v)]
+        grads = _backward(*args, mpmath.mpf(pr.scale), res["pi_mp"], res["tau"], res["err_mp"],
+                          2.0**-prec, pr.groups, to_float)
+    out = []
+    for g, e in zip(grads[:3], grads[3:]):
+        gf = g.astype(np.float64)
+        out.append((gf, e + U * np.abs(gf)))  # rounding to float64
+    (dq, edq), (dk, edk), (dv, edv) = out
+    return dq, dk, dv, edq, edk, edv
+
+
+# ---------------------------------------------------------------------------
+# public entry points
+
+
+def _check_mode(mode, prec, rtol_target):
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+    if not isinstance(prec, int) or prec < MIN_PREC:
+        raise ValueError(f"prec must be an int >= {MIN_PREC} bits, got {prec!r}")
+    if not isinstance(rtol_target, (int, float)) or not (MIN_RTOL_TARGET <= rtol_target < 1):
+        raise ValueError(f"rtol_target must be a float in [2**-50, 1) (a float64 result cannot be "
+                         f"certified more tightly), got {rtol_target!r}")
+
+
+def attention(q, k, v, *, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
+              mode="auto", keep=False, dout=None, rtol_target=DEFAULT_RTOL_TARGET,
+              prec=128, crosscheck_rows=0) -> AttentionResult:
+    """Certified ``scaled_dot_product_attention(q, k, v, ...)``.
+
+    q: (B, H, Nq, D); k: (B, Hkv, Nk, D); v: (B, Hkv, Nk, Dv); NumPy arrays
+    (float16, ml_dtypes.bfloat16, float32, float64) or torch tensors. The
+    scale is the exact value of the float64 a target receives (default
+    ``1.0 / math.sqrt(D)``); a kernel that rounds it to fp32 commits an error
+    of its own. With ``dout`` (B, H, Nq, Dv) the gradients are returned too.
+    ``crosscheck_rows > 0`` re-verifies that many random rows with
+    `crosscheck` at 256 bits (a fuzzing option) and raises
+    `CertificationError` if one is off.
+
+    >>> import numpy as np
+    >>> q = np.ones((1, 1, 2, 2), np.float32)
+    >>> v = np.array([[[[1.0, 2.0], [3.0, 4.0]]]], np.float32)
+    >>> attention(q, q, v, is_causal=True).out[0, 0].tolist()
+    [[1.0, 2.0], [2.0, 3.0]]
+    """
+    _check_mode(mode, prec, rtol_target)
+    if not isinstance(keep, bool):
+        raise TypeError(f"keep must be a bool, got {type(keep).__name__}")
+    if isinstance(crosscheck_rows, bool) or not isinstance(crosscheck_rows, int) or crosscheck_rows < 0:
+        raise ValueError(f"crosscheck_rows must be a non-negative int, got {crosscheck_rows!r}")
+    pr = _prepare(q, k, v, attn_mask, is_causal, scale, enable_gqa, dout)
+    B, H, Nq, Nk, Dv = pr.shape
+    res = _float_forward(pr, keep, need_p=dout is not None)
+    if mode == "mpmath":
+        rows = [(b, h, i) for b in range(B) for h in range(H) for i in range(Nq)]
+    elif mode == "auto":
+        rows = [tuple(int(x) for x in r) for r in np.argwhere(~_certified_rows(res, rtol_target))]
+    else:
+        rows = []
+    _fill_mp_rows(pr, res, rows, prec, want_mp=mode == "mpmath" and dout is not None)
+    certified = bool(_certified_rows(res, rtol_target).all())
+    extra = {}
+    if keep:
+        extra = {"s": res["s"], "p": res["p"], "q": pr.q, "k": pr.k, "v": pr.v}
+    if dout is not None:
+        grads = _mp_grads(pr, res, prec) if mode == "mpmath" else _float_grads(pr, res)
+        extra.update(zip(("dq", "dk", "dv", "dq_err_bound", "dk_err_bound", "dv_err_bound"), grads))
+    result = AttentionResult(
+        out=res["out"], lse=res["lse"], err_bound=res["err"], lse_err_bound=res["lse_err"],
+        row_scale=res["row_scale"], mp_rows=len(rows), mode=mode, prec=prec, scale=pr.scale,
+        rtol_target=float(rtol_target), certified=certified, mp_row_index=tuple(rows), **extra,
+    )
+    if crosscheck_rows:
+        rep = crosscheck(result, q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                         enable_gqa=enable_gqa, rows=crosscheck_rows)
+        if not rep.ok:
+            raise CertificationError(f"oracle outside its bound on rows {rep.failures[:3]} "
+                                     f"(worst ratio {rep.worst_ratio:.3g})")
+    return result
+
+
+def attention_case(case, *, mode="auto", keep=False, with_grad=None, **options) -> AttentionResult:
+    """`attention` of a `verify.case.Case`; gradients when the case has
+    ``do`` (or when ``with_grad`` is True, which then requires it)."""
+    from verify.case import Case
+
+    if not isinstance(case, Case):
+        raise TypeError(f"attention_case needs a verify.case.Case, got {type(case).__name__}")
+    if with_grad and case.do is None:
+        raise ValueError("with_grad=True but the case has no output gradient 'do'")
+    dout = case.do if with_grad is not False else None
+    return attention(case.q, case.k, case.v, attn_mask=case.attn_mask, is_causal=case.is_causal,
+                     scale=case.scale, enable_gqa=case.enable_gqa, mode=mode, keep=keep, dout=dout,
+                     **options)
+
+
+def crosscheck(result: AttentionResult, q, k, v, *, attn_mask=None, is_causal=False, scale=None,
+               enable_gqa=False, rows=8, seed=0, prec=256) -> CrosscheckReport:
+    """Recompute ``rows`` random rows at ``prec`` bits (at least 226) and check
+    that ``result`` lies within its certified bound of them. The comparison
+    is exact (rational arithmetic), with the high-precision row's own tiny
+    bound added to ``result``'s.
+
+    Use as ``assert crosscheck(r, q, k, v).ok``.
+    """
+    if not isinstance(result, AttentionResult):
+        raise TypeError(f"result must be an AttentionResult, got {type(result).__name__}")
+    if not isinstance(rows, int) or rows < 1:
+        raise ValueError(f"rows must be a positive int, got {rows!r}")
+    if not isinstance(prec, int) or prec < 2 * MIN_PREC:
+        raise ValueError(f"crosscheck needs prec >= {2 * MIN_PREC} bits, got {prec!r}")
+    pr = _prepare(q, k, v, attn_mask, is_causal, scale, enable_gqa, None)
+    B, H, Nq, Nk, Dv = pr.shape
+    if result.out.shape != (B, H, Nq, Dv):
+        raise ValueError(f"result has shape {result.out.shape}, inputs give {(B, H, Nq, Dv)}")
+    if pr.scale != result.scale:
+        raise ValueError(f"result was computed with scale {result.scale}, not {pr.scale}")
+    rng = np.random.default_rng(seed)
+    n = B * H * Nq
+    picks = rng.choice(n, size=min(rows, n), replace=False)
+    checked, failures, worst = [], [], 0.0
+    for flat in sorted(int(x) for x in picks):
+        b, h, i = np.unravel_index(flat, (B, H, Nq))
+        b, h, i = int(b), int(h), int(i)
+        r = pr.mp_row(b, h, i, prec)
+        checked.append((b, h, i))
+        for c in range(Dv):
+            diff = abs(Fraction(float(result.out[b, h, i, c])) - r.exact[c])
+            allowed = Fraction(float(result.err_bound[b, h, i, c])) + Fraction(float(r.exact_err[c]))
+            worst = max(worst, _ratio(diff, allowed))
+            if diff > allowed:
+                failures.append(("out", b, h, i, c, float(diff), float(allowed)))
+        lse = float(result.lse[b, h, i])
+        if r.lse == -np.inf or lse == -np.inf:
+            if r.lse != lse:
+                failures.append(("lse", b, h, i, -1, math.inf, 0.0))
+            continue
+        diff = abs(lse - r.lse)
+        allowed = float(result.lse_err_bound[b, h, i]) + r.lse_err
+        worst = max(worst, diff / allowed if allowed > 0 else (0.0 if diff == 0 else math.inf))
+        if diff > allowed:
+            failures.append(("lse", b, h, i, -1, diff, allowed))
+    return CrosscheckReport(not failures, tuple(checked), worst, tuple(failures), prec)
+
+
+def _ratio(diff: Fraction, allowed: Fraction) -> float:
+    if allowed == 0:
+        return 0.0 if diff == 0 else math.inf
+    return float(diff / allowed)
+
+
+# ---------------------------------------------------------------------------
+# softmax and log-sum-exp
+
+
+def _softmax_core(x, axis, mode, rtol_target, prec, want):
+    _check_mode(mode, prec, rtol_target)
+    x64 = _exact(x, "x")
+    if x64.ndim == 0:
+        raise ValueError("x must have at least one dimension")
+    if not isinstance(axis, (int, np.integer)) or not -x64.ndim <= axis < x64.ndim:
+        raise ValueError(f"axis {axis!r} is out of range for an array of rank {x64.ndim}")
+    if x64.shape[axis] == 0:
+        raise ValueError("the softmax axis must not be empty")
+    if np.isnan(x64).any():
+        raise ValueError("x contains NaN")
+    if (x64 == np.inf).any():
+        raise ValueError("x contains +inf (the softmax would be undefined)")
+    xs = np.moveaxis(x64, axis, -1)
+    n = xs.shape[-1]
+    gn = gamma(n)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
+        m = xs.max(axis=-1, keepdims=True)
+        empty = m == -np.inf
+        ms = np.where(empty, 0.0, m)
+        d = xs - ms
+        sig = U * np.abs(d) + ETA  # x is exact: only the subtraction rounds
+        neg = d + sig < -L_NEG
+        e = np.exp(d)
+        kap = np.where(neg, 0.0, (RHO + np.expm1(sig)) / (1 - RHO))
+        tau_abs = math.exp(-L_NEG) * (1 + RHO) + 1.02 * ETA
+        w = kap * e + tau_abs * np.isfinite(d)
+        ell = e.sum(-1, keepdims=True)
+        ell_s = np.where(empty, 1.0, ell)
+        F = w.sum(-1, keepdims=True) / ell_s * (1 + 3 * gn)
+        if want == "softmax":
+            val = e / ell_s
+            err = SAFETY * (w / ell_s + val * (F + gn + U)) / (1 - F)
+            tol = rtol_target * val + 2.0**-1000
+        else:
+            log_ell = np.log(ell_s)
+            val = ms + log_ell
+            err = SAFETY * (1.02 * (gn + F) + RHO * np.abs(log_ell) + U * np.abs(val))
+            tol = rtol_target * np.maximum(np.abs(val), 1.0)
+        bad = ~((F < 0.01) & (err <= tol)).all(-1) & ~empty[..., 0]
+        val = np.where(empty, 0.0 if want == "softmax" else -np.inf, val)
+        err = np.where(empty, 0.0, err)
+    rows = []
+    if mode != "float64":
+        rows = [tuple(r) for r in np.argwhere(bad | (mode == "mpmath"))]
+    for r in rows:
+        xi = xs[r]
+        allowed = xi != -np.inf
+        if not allowed.any():
+            continue
+        xi_int, ex = dyadic_ints(np.where(allowed, xi, 0.0))
+        m_int = max(xi_int[j] for j in np.flatnonzero(allowed))
+        wts = mp_exp_weights(xi_int - m_int, ex, allowed, prec)
+        ell_f = ratio_to_float(wts.total, 1, wts.e0)
+        Fm = float(wts.w.sum()) / ell_f * 1.01
+        if want == "softmax":
+            val[r] = [ratio_to_float(int(t), wts.total, 0) for t in wts.ints]
+            err[r] = SAFETY * (wts.w / ell_f * 1.01 + val[r] * (Fm + 2 * U)) / (1 - Fm)
+        else:
+            with mpmath.workprec(prec):
+                m_mp = mpmath.ldexp(mpmath.mpf(int(m_int)), ex)
+                lg = mpmath.log(mpmath.mpf(wts.total)) + wts.e0 * mpmath.ln2
+                val[r] = lse = float(m_mp + lg)
+            err[r] = SAFETY * (1.01 * Fm + 2.0 ** (4 - prec) * (abs(float(m_mp)) + abs(float(lg)) + abs(lse))
+                               + U * abs(lse))
+    if want == "softmax":
+        return SoftmaxResult(np.moveaxis(val, -1, axis), np.moveaxis(err, -1, axis), len(rows), mode)
+    return SoftmaxResult(val[..., 0], err[..., 0], len(rows), mode)
+
+
+def softmax(x, axis=-1, mode="auto", *, rtol_target=DEFAULT_RTOL_TARGET, prec=128) -> SoftmaxResult:
+    """Certified softmax of the exact values of ``x`` along ``axis``; -inf
+    entries get probability 0, rows of -inf give zeros.
+
+    >>> r = softmax(np.array([0.0, np.log(3.0)]))
+    >>> bool(abs(r.value[1] - 0.75) <= r.err_bound[1] + 1e-16)
+    True
+    """
+    return _softmax_core(x, axis, mode, rtol_target, prec, "softmax")
+
+
+def logsumexp(x, axis=-1, mode="auto", *, rtol_target=DEFAULT_RTOL_TARGET, prec=128) -> SoftmaxResult:
+    """Certified log(sum(exp(x))) along ``axis`` (-inf for rows of -inf).
+
+    >>> float(logsumexp(np.array([0.0, 0.0])).value)
+    0.6931471805599453
+    """
+    return _softmax_core(x, axis, mode, rtol_target, prec, "logsumexp")
