@@ -14,7 +14,8 @@ import os
 from pathlib import Path
 
 import numpy as np
-from hypothesis import event, strategies as st, target
+from hypothesis import event, target
+from hypothesis import strategies as st
 
 from verify.models import get_model
 

@@ -2,7 +2,8 @@
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from kernels.numpy_attention import softmax_3pass, softmax_online
 from kernels.precision import round_to

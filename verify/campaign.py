@@ -30,7 +30,11 @@ from verify.check import CaseResult, run_case
 from verify.isolation import IsolatedTarget
 from verify.targets import resolve_target
 
-__all__ = ["CampaignConfig", "CampaignResult", "run_campaign", "save_repro"]
+__all__ = ["CampaignConfig", "ConfigError", "CampaignResult", "run_campaign", "save_repro"]
+
+
+class ConfigError(ValueError):
+    """An invalid campaign option (a usage error on the command line)."""
 
 
 @dataclass
@@ -52,16 +56,16 @@ class CampaignConfig:
 
     def __post_init__(self):
         if not self.targets:
-            raise ValueError("at least one --target is needed")
+            raise ConfigError("at least one --target is needed")
         if self.budget is not None and not self.budget > 0:
-            raise ValueError(f"--budget must be positive, got {self.budget}")
+            raise ConfigError(f"--budget must be positive, got {self.budget}")
         if self.max_examples < 1:
-            raise ValueError(f"--max-examples must be at least 1, got {self.max_examples}")
+            raise ConfigError(f"--max-examples must be at least 1, got {self.max_examples}")
         if self.device not in ("cpu", "cuda"):
-            raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
+            raise ConfigError(f"--device must be cpu or cuda, got {self.device!r}")
         index, count = self.shard
         if not (count >= 1 and 0 <= index < count):
-            raise ValueError(f"shard index {index} must be in [0, {count})")
+            raise ConfigError(f"shard index {index} must be in [0, {count})")
         self.out = Path(self.out)
         if self.max_seq is None:
             self.max_seq = 80 if self.device == "cpu" else 2048
@@ -168,7 +172,7 @@ def run_campaign(cfg: CampaignConfig) -> CampaignResult:
         try:
             finite = all(bool((abs(t.astype("float64")) < math.inf).all()) for t in (case.q, case.k, case.v))
             if finite:
-                ref = _oracle.attention_case(case, keep=True)
+                ref = _oracle.attention_case(case, keep=True, with_grad=False)
         except ValueError:
             ref = None
         result.cases += 1

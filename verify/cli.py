@@ -31,7 +31,7 @@ COMMANDS: dict[str, Command] = {}
 
 #: Modules imported before ``bench`` lists its choices; each registers its
 #: benchmarks with `verify.bench.register_bench` when imported.
-BENCH_MODULES = ["verify.bench"]
+BENCH_MODULES = ["verify.bench", "kernels.bench_kernel"]
 
 
 def register_command(name: str, help: str, setup, run) -> None:
@@ -67,6 +67,160 @@ def run_bench(args: argparse.Namespace) -> int:
 register_command("bench", "run a benchmark", setup_bench, run_bench)
 
 
+# -- fuzz -------------------------------------------------------------------
+
+class UsageError(Exception):
+    """A bad option or target: exit status 2."""
+
+
+def _dtypes(text: str) -> tuple:
+    from kernels.precision import format_of
+
+    names = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            name = format_of(part).name
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"--dtype: {exc}") from None
+        if name not in ("fp16", "bf16", "fp32"):
+            raise UsageError(f"--dtype: {part!r} is not one of fp16, bf16, fp32")
+        names.append(name)
+    if not names:
+        raise UsageError("--dtype needs at least one of fp16, bf16, fp32")
+    return tuple(dict.fromkeys(names))
+
+
+def setup_fuzz(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", action="append", required=True, metavar="T",
+                        help="triton, numpy-tiled, sdpa-math, sdpa-flash, sdpa-efficient, sdpa-cudnn, flash-attn "
+                             "or MODULE:FUNCTION; repeat to compare targets on identical cases")
+    parser.add_argument("--dtype", default="fp16,bf16,fp32", help="comma-separated dtypes (default: all three)")
+    parser.add_argument("--budget", type=float, default=None, metavar="SECONDS", help="stop after this much time")
+    parser.add_argument("--max-examples", type=int, default=100, metavar="N", help="number of cases (default 100)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the case generator (default 0)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--model", default=None, help="precision model for every target (default: each target's "
+                        "own, else fa2 for fp16/bf16 and fp32-ieee for fp32)")
+    parser.add_argument("--out", default="reports/latest", help="output directory (default reports/latest)")
+    parser.add_argument("--max-seq", type=int, default=None, help="longest sequence (default 80 on cpu, 2048 on cuda)")
+    parser.add_argument("--timeout", type=float, default=300.0, help="per-case timeout of a target in seconds")
+    parser.add_argument("--no-isolate", action="store_true", help="run targets in this process (no crash isolation)")
+    parser.add_argument("--shard", default="0/1", metavar="I/N", help="run the I-th of N interleaved shards of the cases")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_fuzz(args: argparse.Namespace) -> int:
+    from verify.campaign import CampaignConfig, ConfigError, run_campaign
+    from verify.targets import TargetError
+
+    try:
+        index, count = (int(x) for x in args.shard.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard must look like I/N, got {args.shard!r}") from None
+    if args.model is not None:
+        from verify.models import get_model
+
+        base = args.model.partition("+")[0]
+        try:
+            get_model(args.model, "fp32" if base.startswith("fp32") else "fp16")
+        except ValueError as exc:
+            raise UsageError(f"--model: {exc}") from None
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda, but torch sees no CUDA device")
+    try:
+        cfg = CampaignConfig(
+            targets=args.target, dtypes=_dtypes(args.dtype), budget=args.budget, max_examples=args.max_examples,
+            seed=args.seed, device=args.device, model=args.model, out=args.out, max_seq=args.max_seq,
+            timeout=args.timeout, isolate=not args.no_isolate, progress=not args.no_progress, shard=(index, count),
+        )
+        result = run_campaign(cfg)
+    except (ConfigError, TargetError) as exc:
+        raise UsageError(str(exc)) from None
+    print(f"{result.cases} cases, {len(result.rows)} runs: {result.failures} failed, "
+          f"{result.unsupported} unsupported, in {result.seconds:.0f} s; report: {cfg.out / 'index.html'}")
+    return result.exit_code
+
+
+register_command("fuzz", "run a fuzz campaign against one or more targets", setup_fuzz, run_fuzz)
+
+
+# -- replay -------------------------------------------------------------------
+
+def setup_replay(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", help="a repro .npz written by a campaign (repro/) or a property (reports/failures/)")
+    parser.add_argument("--target", default=None, help="target to run (default: the one recorded in the file)")
+    parser.add_argument("--model", default=None, help="precision model (default: the recorded one)")
+    parser.add_argument("--device", default=None, choices=("cpu", "cuda"))
+
+
+def run_replay(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from verify.case import Case
+    from verify.check import run_case
+    from verify.models import MODEL_NAMES
+    from verify.targets import TargetError, resolve_target
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise UsageError(f"no such file: {path}")
+    try:
+        case = Case.load(path)
+    except (OSError, KeyError, ValueError) as exc:
+        raise UsageError(f"{path} is not a saved case: {exc}") from None
+    recorded = case.tags.get("repro", {})
+    target_name = args.target or recorded.get("target")
+    if not target_name:
+        raise UsageError(f"{path} records no target: pass --target")
+    model = args.model or (recorded.get("model") if recorded.get("model", "").partition("+")[0] in MODEL_NAMES
+                           else None)
+    device = args.device or recorded.get("device", "cpu")
+    try:
+        target = resolve_target(target_name, model)
+    except (TargetError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    res = run_case(case, target, device=device)
+    print(f"case {case.case_id}: {json.dumps(case.describe())}")
+    print(f"target {res.target} under model {res.model} on {device}: {res.verdict.upper()}")
+    if res.reason:
+        print(f"reason: {res.reason}")
+    if res.ratio is not None:
+        print(f"error/bound: {res.ratio:.4g}" + (f", lse error/bound: {res.lse_ratio:.4g}" if res.lse_ratio else ""))
+    for key, value in res.metrics.items():
+        if key not in ("traceback",):
+            print(f"  {key}: {value}")
+    if recorded.get("verdict"):
+        print(f"recorded verdict: {recorded['verdict']} ({recorded.get('reason')})")
+    return {"pass": 0, "unsupported": 0}.get(res.verdict, 1)
+
+
+register_command("replay", "re-run one saved case and print its verdict and metrics", setup_replay, run_replay)
+
+
+# -- diff ---------------------------------------------------------------------
+
+def setup_diff(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("old", help="previous run: a directory, cases.jsonl or summary.json")
+    parser.add_argument("new", help="new run: a directory, cases.jsonl or summary.json")
+
+
+def run_diff(args: argparse.Namespace) -> int:
+    from reports.diff import main_diff
+
+    code = main_diff(args.old, args.new)
+    return code
+
+
+register_command("diff", "compare two runs; exit 1 on a regression", setup_diff, run_diff)
+
+
 # -- entry point --------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,3 +243,6 @@ def main(argv=None) -> int:
         return int(args._run(args))
     except SystemExit as exc:  # argparse's usage errors (2) and --help (0)
         return exc.code if isinstance(exc.code, int) else 2
+    except UsageError as exc:
+        print(f"python -m verify: error: {exc}", file=sys.stderr)
+        return 2

@@ -43,6 +43,9 @@ def _to_numpy(t):
 
 def _worker(conn, spec: str, model_name):
     target = resolve_target(spec, model_name)
+    if spec == "triton" or spec.startswith("sdpa"):
+        import torch  # noqa: F401 - pay for the import before the first timed case
+    conn.send(("ready", None, None))
     while True:
         try:
             msg = conn.recv()
@@ -74,12 +77,13 @@ def _describe_exit(code) -> str:
 class IsolatedTarget:
     """Same interface as `Target`, but the work happens in a child process."""
 
-    def __init__(self, target: Target, *, timeout: float = 120.0):
+    def __init__(self, target: Target, *, timeout: float = 120.0, startup_timeout: float = 300.0):
         if timeout <= 0:
             raise ValueError(f"timeout must be positive, got {timeout}")
         self.target = target
         self.name = target.name
         self.timeout = float(timeout)
+        self.startup_timeout = float(startup_timeout)
         self._ctx = mp.get_context("spawn")
         self._proc = None
         self._conn = None
@@ -95,6 +99,16 @@ class IsolatedTarget:
         self._proc.start()
         child.close()
         self._conn = parent
+        # Start-up (imports) is not part of any case's time budget.
+        if not parent.poll(self.startup_timeout):
+            self._kill()
+            raise TargetCrash(f"target process did not start within {self.startup_timeout:g} s")
+        try:
+            parent.recv()
+        except (EOFError, OSError):
+            code = self._proc.exitcode if self._proc is not None else None
+            self._kill()
+            raise TargetCrash(f"target process {_describe_exit(code)} while starting") from None
 
     def _kill(self):
         if self._proc is not None:
@@ -120,7 +134,6 @@ class IsolatedTarget:
         except (BrokenPipeError, OSError) as exc:
             self._kill()
             raise TargetCrash(f"could not send the case to the target process: {exc}") from None
-        # The first call also pays for the worker's imports (torch, triton).
         if not self._conn.poll(self.timeout):
             alive = self._proc.is_alive()
             self._kill()

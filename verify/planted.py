@@ -63,6 +63,16 @@ def _visible(Nq, Nk, attn_mask, is_causal, bug, dtype, B, H):
     return vis, bias
 
 
+def _overread(t: torch.Tensor, width: int) -> torch.Tensor:
+    """Rows of ``width`` elements read from the flat row-major storage of
+    ``t`` starting at each row's start (zeros past the end)."""
+    *lead, D = t.shape
+    flat = torch.cat([t.reshape(-1), torch.zeros(width)])
+    starts = torch.arange(t.numel() // D) * D
+    rows = flat[starts[:, None] + torch.arange(width)[None, :]]
+    return rows.reshape(*lead, width)
+
+
 def _flash(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, *, bug=None):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("q, k, v must have rank 4 (B, H, N, D)")
@@ -77,10 +87,8 @@ def _flash(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=Fals
     if scale is None or bug == "ignored_scale":
         scale = 1.0 / math.sqrt(D)
     if bug == "head_dim_padding" and D & (D - 1):
-        # Pads the head dim to a power of two with ones instead of zeros.
-        pad = (1 << D.bit_length()) - D
-        q = torch.cat([q, torch.ones(B, H, Nq, pad)], -1)
-        k = torch.cat([k, torch.ones(B, H, Nk, pad)], -1)
+        # Unmasked loads of a power-of-two head dim run into the next row's data.
+        q, k = _overread(q, 1 << D.bit_length()), _overread(k, 1 << D.bit_length())
     vis, bias = _visible(Nq, Nk, attn_mask, is_causal, bug, dtype, B, H)
 
     m = torch.full((B, H, Nq), 0.0 if bug == "wrong_init" else -math.inf)
@@ -160,7 +168,7 @@ BROKEN = {
     "gqa_head_mapping": "query head h uses kv head h % Hkv instead of h // (H / Hkv)",
     "batch_stride": "inputs are read as if contiguous, ignoring their strides",
     "fully_masked_rows": "rows with no visible key give 0/0 = NaN",
-    "head_dim_padding": "head dims that are not powers of two are padded with ones, not zeros",
+    "head_dim_padding": "head dims that are not powers of two are loaded unmasked up to the next power of two",
     "low_precision_logits": "logits are rounded to the input dtype before exp",
 }
 
@@ -169,3 +177,40 @@ CORRECT = ("correct_tiled", "correct_reference")
 correct_tiled = _make(None)
 for _bug in BROKEN:
     globals()[_bug] = _make(_bug)
+
+
+# -- targets that misbehave as programs, for the campaign's robustness ------------
+
+def hangs(query, key, value, **kwargs):
+    """Never returns."""
+    import time
+
+    while True:
+        time.sleep(1)
+
+
+def segfaults(query, key, value, **kwargs):
+    """Kills its own process the way a bad memory access does."""
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def wrong_shape(query, key, value, **kwargs):
+    """Drops the last query row."""
+    return correct_tiled(query, key, value, **kwargs)[:, :, :-1]
+
+
+def wrong_dtype(query, key, value, **kwargs):
+    """Returns fp32 whatever the input dtype."""
+    return correct_tiled(query, key, value, **kwargs).float() if query.dtype != torch.float32 else \
+        correct_tiled(query, key, value, **kwargs).double()
+
+
+def raises(query, key, value, **kwargs):
+    """Fails with an ordinary exception."""
+    raise RuntimeError("planted failure")
+
+
+MISBEHAVING = ("hangs", "segfaults", "wrong_shape", "wrong_dtype", "raises")

@@ -69,6 +69,9 @@ class Target:
 def _run_triton(case: Case, device: str) -> TargetOutput:
     from kernels import triton_flash
 
+    if case.v.shape[-1] != case.q.shape[-1]:
+        raise NotImplementedError("the Triton kernel needs V's head dim equal to Q's")
+
     q, k, v, mask = case.to_torch(device)
     out, lse = triton_flash.attention(
         q, k, v, attn_mask=mask, is_causal=case.is_causal, scale=case.scale,
@@ -90,6 +93,8 @@ def _numpy_tiled(model_name: str | None):
         from kernels.numpy_attention import tiled_attention
 
         fmt = case.dtype
+        if not all(np.isfinite(t.astype(np.float64)).all() for t in (case.q, case.k, case.v)):
+            raise NotImplementedError("the NumPy emulation is defined for finite inputs only")
         model = get_model(model_name or default_model_name(fmt), fmt)
         out, lse = tiled_attention(
             case.q, case.k, case.v, case.attn_mask, case.is_causal, case.scale, case.enable_gqa,

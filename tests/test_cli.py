@@ -1,0 +1,86 @@
+"""`python -m verify`: exit codes, outputs, replay and diff, as a user runs them."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from verify.cli import main
+
+
+def _fuzz(tmp_path, *targets, extra=()):
+    argv = ["fuzz", "--max-examples", "6", "--seed", "3", "--no-isolate", "--no-progress", "--out", str(tmp_path)]
+    for t in targets:
+        argv += ["--target", t]
+    return main(argv + list(extra))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["fuzz", "--target", "no-such-target"], "unknown target"),
+    (["fuzz", "--target", "no_such_module_xyz:fn"], "cannot import"),
+    (["fuzz", "--target", "verify.planted:nothing_here"], "no attribute"),
+    (["fuzz", "--target", "numpy-tiled", "--dtype", "fp8"], "--dtype"),
+    (["fuzz", "--target", "numpy-tiled", "--shard", "3/2"], "shard"),
+    (["fuzz", "--target", "numpy-tiled", "--model", "fa9"], "--model"),
+    (["fuzz", "--target", "numpy-tiled", "--budget", "-1"], "--budget"),
+    (["replay", "/no/such/file.npz"], "no such file"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_usage_errors_exit_2_with_a_message(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err
+
+
+def test_fuzz_exit_0_on_correct_target_and_writes_outputs(tmp_path):
+    assert _fuzz(tmp_path, "numpy-tiled", "verify.planted:correct_tiled") == 0
+    rows = [json.loads(line) for line in (tmp_path / "cases.jsonl").read_text().splitlines()]
+    assert {r["target"] for r in rows} == {"numpy-tiled", "verify.planted:correct_tiled"}
+    # identical cases for both targets
+    ids = {}
+    for r in rows:
+        ids.setdefault(r["target"], []).append(r["case_id"])
+    assert ids["numpy-tiled"] == ids["verify.planted:correct_tiled"]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["totals"]["failures"] == 0
+    assert "<img" in (tmp_path / "index.html").read_text()
+
+
+def test_fuzz_exit_1_on_broken_target_and_replay_reproduces(tmp_path, capsys):
+    assert _fuzz(tmp_path, "verify.planted:missing_rescale", extra=["--max-examples", "12"]) == 1
+    repros = sorted((tmp_path / "repro").glob("*.npz"))
+    assert repros
+    capsys.readouterr()
+    assert main(["replay", str(repros[0])]) == 1
+    printed = capsys.readouterr().out
+    assert "FAIL" in printed and "max_abs_err" in printed
+
+
+def test_same_seed_same_cases_and_verdicts(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    _fuzz(a, "numpy-tiled")
+    _fuzz(b, "numpy-tiled")
+    ra = [(json.loads(x)["case_id"], json.loads(x)["verdict"]) for x in (a / "cases.jsonl").read_text().splitlines()]
+    rb = [(json.loads(x)["case_id"], json.loads(x)["verdict"]) for x in (b / "cases.jsonl").read_text().splitlines()]
+    assert ra == rb and len(ra) == 6
+
+
+def test_diff_exit_codes(tmp_path):
+    ok, bad = tmp_path / "ok", tmp_path / "bad"
+    _fuzz(ok, "verify.planted:correct_tiled")
+    _fuzz(bad, "verify.planted:correct_tiled")
+    assert main(["diff", str(ok), str(bad)]) == 0
+    # The same target name failing on the same cases is a regression.
+    rows = [json.loads(x) for x in (bad / "cases.jsonl").read_text().splitlines()]
+    rows[0]["verdict"], rows[0]["reason"] = "fail", "planted"
+    (bad / "cases.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (bad / "summary.json").unlink()
+    assert main(["diff", str(ok), str(bad)]) == 1
+
+
+def test_module_entry_point_runs():
+    proc = subprocess.run([sys.executable, "-m", "verify", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0
+    for command in ("fuzz", "replay", "diff", "bench"):
+        assert command in proc.stdout
