@@ -8,9 +8,14 @@ Profiles (choose with HYPOTHESIS_PROFILE or --hypothesis-profile):
 
 import os
 
-import pytest
-from hypothesis import HealthCheck, Phase, Verbosity, settings
-from hypothesis.database import DirectoryBasedExampleDatabase
+from verify.scaleout import pin_worker_gpu
+
+# One GPU per pytest-xdist worker, chosen before anything initialises CUDA.
+pin_worker_gpu()
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, Phase, Verbosity, settings  # noqa: E402
+from hypothesis.database import DirectoryBasedExampleDatabase  # noqa: E402
 
 _SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
 

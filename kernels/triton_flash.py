@@ -61,6 +61,18 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
+def _f32(x):
+    """x widened to fp32 exactly. The interpreter's own bf16 -> fp32
+    conversion loses bf16 subnormals (pinned in tests/test_triton_interpreter.py),
+    so bf16 goes through its bits: a bf16 is the top half of an fp32."""
+    if x.dtype == tl.bfloat16:
+        bits = x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
 def _to_p(x, P_DTYPE: tl.constexpr, UPCAST: tl.constexpr, RN_BF16: tl.constexpr):
     """x rounded to P's format; fp32 when UPCAST (the interpreter's dots).
 
@@ -106,7 +118,7 @@ def _fwd_inner(
             kt = tl.load(kt_ptrs)
             v = tl.load(v_ptrs)
         if UPCAST:
-            kt = kt.to(tl.float32)
+            kt = _f32(kt)
         s = tl.dot(q, kt, input_precision=IN_PREC)
         t = s * c
         if HAS_MASK:
@@ -116,7 +128,7 @@ def _fwd_inner(
             if MASK_BOOL:
                 t = tl.where(mval != 0, t, float("-inf"))
             else:
-                t = t + mval.to(tl.float32) * 1.4426950408889634
+                t = t + _f32(mval) * 1.4426950408889634
         if CAUSAL:
             t = tl.where(offs_n[None, :] <= offs_m[:, None], t, float("-inf"))
         if BOUNDS:
@@ -131,7 +143,7 @@ def _fwd_inner(
         acc = acc * alpha[:, None]
         pc = _to_p(p, P_DTYPE, UPCAST, RN_BF16)
         if UPCAST:
-            v = v.to(tl.float32)
+            v = _f32(v)
         acc = tl.dot(pc, v, acc, input_precision=IN_PREC)
         m_i = m_new
     return acc, l_i, m_i
@@ -167,7 +179,7 @@ def _fwd_kernel(
     q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :],
                 mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < D), other=0.0)
     if UPCAST:
-        q = q.to(tl.float32)
+        q = _f32(q)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
@@ -231,10 +243,10 @@ def _bwd_preprocess_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     msk = (offs_m[:, None] < Nq) & (offs_d[None, :] < D)
-    o = tl.load(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-                + offs_m[:, None] * stride_on + offs_d[None, :], mask=msk, other=0.0).to(tl.float32)
-    do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-                 + offs_m[:, None] * stride_don + offs_d[None, :], mask=msk, other=0.0).to(tl.float32)
+    o = _f32(tl.load(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+                + offs_m[:, None] * stride_on + offs_d[None, :], mask=msk, other=0.0))
+    do = _f32(tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+                 + offs_m[:, None] * stride_don + offs_d[None, :], mask=msk, other=0.0))
     tl.store(Delta + pid_bh.to(tl.int64) * Nq + offs_m, tl.sum(o * do, 1), mask=offs_m < Nq)
 
 
@@ -268,8 +280,8 @@ def _bwd_dkdv_kernel(
     v = tl.load(V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
                 + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_msk, other=0.0)
     if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+        k = _f32(k)
+        v = _f32(v)
     dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     lo = 0
@@ -287,8 +299,8 @@ def _bwd_dkdv_kernel(
             q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=q_msk, other=0.0)
             do = tl.load(do_base + offs_m[:, None] * stride_don + offs_d[None, :], mask=q_msk, other=0.0)
             if UPCAST:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
+                q = _f32(q)
+                do = _f32(do)
             lse2 = tl.load(Lse2 + row_base + offs_m, mask=offs_m < Nq, other=0.0)
             lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)
             delta = tl.load(Delta + row_base + offs_m, mask=offs_m < Nq, other=0.0)
@@ -300,7 +312,7 @@ def _bwd_dkdv_kernel(
                 if MASK_BOOL:
                     tt = tl.where(mval != 0, tt, float("-inf"))
                 else:
-                    tt = tt + mval.to(tl.float32) * 1.4426950408889634
+                    tt = tt + _f32(mval) * 1.4426950408889634
             if CAUSAL:
                 tt = tl.where(offs_n[:, None] <= offs_m[None, :], tt, float("-inf"))
             tt = tl.where((offs_n[:, None] < Nk) & (offs_m[None, :] < Nq), tt, float("-inf"))
@@ -349,8 +361,8 @@ def _bwd_dq_kernel(
     do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
                  + offs_m[:, None] * stride_don + offs_d[None, :], mask=q_msk, other=0.0)
     if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
+        q = _f32(q)
+        do = _f32(do)
     lse2 = tl.load(Lse2 + pid_bh.to(tl.int64) * Nq + offs_m, mask=offs_m < Nq, other=0.0)
     lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)
     delta = tl.load(Delta + pid_bh.to(tl.int64) * Nq + offs_m, mask=offs_m < Nq, other=0.0)
@@ -367,8 +379,8 @@ def _bwd_dq_kernel(
         k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_msk, other=0.0)
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_msk, other=0.0)
         if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+            k = _f32(k)
+            v = _f32(v)
         t = tl.dot(q, tl.trans(k), input_precision=IN_PREC) * c
         if HAS_MASK:
             in_range = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk)
@@ -377,7 +389,7 @@ def _bwd_dq_kernel(
             if MASK_BOOL:
                 t = tl.where(mval != 0, t, float("-inf"))
             else:
-                t = t + mval.to(tl.float32) * 1.4426950408889634
+                t = t + _f32(mval) * 1.4426950408889634
         if CAUSAL:
             t = tl.where(offs_n[None, :] <= offs_m[:, None], t, float("-inf"))
         t = tl.where((offs_n[None, :] < Nk) & (offs_m[:, None] < Nq), t, float("-inf"))
@@ -553,6 +565,13 @@ def _consts(q, allow_tf32):
     return upcast, in_prec, p_dtype, upcast and q.dtype == torch.bfloat16
 
 
+def _store_dtype(t: torch.Tensor) -> torch.dtype:
+    """The interpreter narrows fp32 to bf16 wrongly for subnormals (pinned in
+    tests/test_triton_interpreter.py): on the CPU, bf16 results are stored as
+    fp32 (already rounded to bf16 in the kernel) and narrowed by torch."""
+    return torch.float32 if t.device.type == "cpu" and t.dtype == torch.bfloat16 else t.dtype
+
+
 def _forward(q, k, v, attn_mask, is_causal, c, block_m, block_n, allow_tf32, launch=None, fp_fusion=False):
     """Launch the forward kernel; ``launch`` = (num_warps, num_stages) and
     ``fp_fusion`` override the defaults (for the benchmark's sweep only:
@@ -563,7 +582,7 @@ def _forward(q, k, v, attn_mask, is_causal, c, block_m, block_n, allow_tf32, lau
     on_cpu = q.device.type == "cpu"
     dbm, dbn = default_blocks(D, q.device.type, "fwd", q.dtype)
     bm, bn = block_m or dbm, block_n or dbn
-    out = torch.empty((B, H, Nq, D), dtype=q.dtype, device=q.device)
+    out = torch.empty((B, H, Nq, D), dtype=_store_dtype(q), device=q.device)
     lse2 = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
     mask, ms, mask_bool = _mask_args(attn_mask, q, B, H, Nq, Nk)
     upcast, in_prec, p_dtype, rn_bf16 = _consts(q, allow_tf32)
@@ -584,7 +603,7 @@ def _forward(q, k, v, attn_mask, is_causal, c, block_m, block_n, allow_tf32, lau
         CAUSAL=is_causal, HAS_MASK=attn_mask is not None, MASK_BOOL=mask_bool,
         UPCAST=upcast, IN_PREC=in_prec, P_DTYPE=p_dtype, RN_BF16=rn_bf16, **kwargs,
     )
-    return out, lse2
+    return out.to(q.dtype), lse2
 
 
 def _backward(do, q, k, v, out, lse2, attn_mask, is_causal, c, sm_scale, block_m, block_n, allow_tf32,
@@ -612,9 +631,9 @@ def _backward(do, q, k, v, out, lse2, attn_mask, is_causal, c, sm_scale, block_m
         do.stride(0), do.stride(1), do.stride(2),
         H, Nq, D=D, D_PAD=d_pad, BLOCK_M=pre_bm,
     )
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    dk = torch.empty((B, Hkv, Nk, D), dtype=k.dtype, device=k.device)
-    dv = torch.empty((B, Hkv, Nk, D), dtype=v.dtype, device=v.device)
+    dq = torch.empty(q.shape, dtype=_store_dtype(q), device=q.device)
+    dk = torch.empty((B, Hkv, Nk, D), dtype=_store_dtype(k), device=k.device)
+    dv = torch.empty((B, Hkv, Nk, D), dtype=_store_dtype(v), device=v.device)
     mask, ms, mask_bool = _mask_args(attn_mask, q, B, H, Nq, Nk)
     upcast, in_prec, p_dtype, rn_bf16 = _consts(q, allow_tf32)
     common = dict(D=D, D_PAD=d_pad, CAUSAL=is_causal, HAS_MASK=attn_mask is not None, MASK_BOOL=mask_bool,
@@ -642,7 +661,7 @@ def _backward(do, q, k, v, out, lse2, attn_mask, is_causal, c, sm_scale, block_m
         dq.stride(0), dq.stride(1), dq.stride(2),
         H, H // Hkv, Nq, Nk, c, sm_scale, BLOCK_M=bm, BLOCK_N=bn, **common, **extra,
     )
-    return dq, dk, dv
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 class _FlashAttention(torch.autograd.Function):

@@ -137,3 +137,44 @@ def test_fp32_to_fp16_conversion_rounds_to_nearest():
     y = torch.empty(16, dtype=torch.float16)
     _cast_kernel[(1,)](torch.from_numpy(x), y, BF16=False)
     assert np.array_equal(y.numpy().astype(np.float64), round_to(x.astype(np.float64), "fp16"))
+
+
+@triton.jit
+def _widen_kernel(x_ptr, y_ptr):
+    offs = tl.arange(0, 4)
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs).to(tl.float32))
+
+
+@triton.jit
+def _narrow_kernel(x_ptr, y_ptr):
+    offs = tl.arange(0, 4)
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs).to(tl.bfloat16))
+
+
+BF16_SUBNORMALS = [5.877471754111438e-39, 1.0102e-39, 9.183549615799121e-41, 1.0]
+
+
+def test_interpreter_mangles_bf16_subnormals():
+    """Pinned quirk, found by the fuzzer (a bf16 case with subnormal V came
+    out as 0): the interpreter's bf16 <-> fp32 conversions lose or change
+    subnormals. The kernel's CPU path therefore widens bf16 through its bits
+    (`_f32`) and stores bf16 results as fp32 narrowed by torch. If this test
+    starts failing, Triton fixed it and the workarounds can go."""
+    x = torch.tensor(BF16_SUBNORMALS, dtype=torch.bfloat16)
+    widened = torch.zeros(4)
+    _widen_kernel[(1,)](x, widened)
+    narrowed = torch.zeros(4, dtype=torch.bfloat16)
+    _narrow_kernel[(1,)](x.float(), narrowed)
+    exact = x.float()
+    assert widened[3] == exact[3] and narrowed[3] == x[3]  # normal numbers are fine
+    assert not torch.equal(widened[:3], exact[:3]), "interpreter now widens bf16 subnormals exactly"
+    assert not torch.equal(narrowed[:3].float(), exact[:3]), "interpreter now narrows to bf16 subnormals exactly"
+
+
+def test_kernel_keeps_bf16_subnormals_on_cpu():
+    from kernels.triton_flash import attention
+
+    v = torch.tensor(BF16_SUBNORMALS, dtype=torch.bfloat16).reshape(1, 1, 4, 1)
+    q = torch.zeros(1, 1, 4, 1, dtype=torch.bfloat16)
+    out = attention(q, q, v, is_causal=True)  # row i averages v[0..i]: row 0 is v[0] exactly
+    assert out[0, 0, 0, 0] == v[0, 0, 0, 0]

@@ -186,7 +186,9 @@ def run_campaign(cfg: CampaignConfig) -> CampaignResult:
                 save_repro(row_result, repro_dir, cfg.device)
             elif row_result.verdict == "unsupported":
                 result.unsupported += 1
-            if row_result.ratio is not None and math.isfinite(row_result.ratio):
+            # Targeted search steers generation by what this process saw; shards
+            # see different cases, so they generate without it and stay a partition.
+            if cfg.shard[1] == 1 and row_result.ratio is not None and math.isfinite(row_result.ratio):
                 hypothesis_target(float(row_result.ratio), label=f"ratio:{runner.name}")
         if bar is not None:
             bar.update(1)
