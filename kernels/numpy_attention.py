@@ -197,7 +197,7 @@ def _check_scale(scale, d, model):
     scale = float(scale)
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be finite and positive, got {scale}")
-    return _const(scale, model)
+    return scale  # exact; the kernel's one rounding happens where it is folded in
 
 
 @dataclass
@@ -516,11 +516,11 @@ def _tile_logits(prob, qb, rows, keys, model):
         tile = np.pad(tile, [(0, 0), (0, 0), (0, pad), (0, 0)], constant_values=fill)
         bias = tile.reshape(S.shape)
     if _base2(model):
-        s = _fl(S * _fl(prob.scale * _LOG2E, model, "fp32"), model, "logits")
+        s = _fl(S * _const(prob.scale * _LOG2E, model), model, "logits")  # c = fl32(scale log2 e), once
         if bias is not None and bias.dtype != bool:
             s = _fl(s + _fl(bias * _const(_LOG2E, model), model, "logits"), model, "logits")
     else:
-        s = _fl(S * prob.scale, model, "logits")
+        s = _fl(S * _const(prob.scale, model), model, "logits")
         if bias is not None and bias.dtype != bool:
             s = _fl(s + bias, model, "logits")
     if bias is not None and bias.dtype == bool:

@@ -66,7 +66,7 @@ from kernels.numpy_attention import (
     _prepare,
     _tile_logits,
 )
-from kernels.precision import round_to
+from kernels.precision import format_of, round_to, to_float64
 
 __all__ = ["attention_backward"]
 
@@ -91,8 +91,6 @@ def _check_saved(out, lse, do, q_shape, dv, model):
                              f"got {arr.shape}")
     if not (isinstance(lse, np.ndarray) or (hasattr(lse, "detach") and hasattr(lse, "dtype"))):
         raise TypeError(f"lse must be a NumPy array or torch tensor, got {type(lse).__name__}")
-    from kernels.precision import format_of, to_float64
-
     format_of(lse.dtype)
     l64 = to_float64(lse)
     if l64.shape != (B, H, Nq):
@@ -182,8 +180,13 @@ def attention_backward(q, k, v, out, lse, do, attn_mask=None, is_causal=False, s
     prob = _prepare(q, k, v, attn_mask, is_causal, scale, enable_gqa, model)
     _check_block(block_m, "block_m")
     _check_block(block_n, "block_n")
+    # Overflow in an emulated format propagates (inf, then NaN), as on hardware.
+    with np.errstate(over="ignore", invalid="ignore"):
+        return _backward(prob, k.shape[1], out, lse, do, model)
+
+
+def _backward(prob, Hkv, out, lse, do, model):
     B, H, Nq, D = prob.q.shape
-    Hkv = np.shape(k)[1]
     Dv = prob.v.shape[-1]
     o, lse64, dO = _check_saved(out, lse, do, prob.q.shape, Dv, model)
 
@@ -209,9 +212,8 @@ def attention_backward(q, k, v, out, lse, do, attn_mask=None, is_causal=False, s
     ds = _dot_operand(_ds(p, dp, delta, model), model)
     dk_acc = _acc_over(_group_rows(ds, Hkv), _group_rows(prob.q, Hkv), model, "pv_acc")
     dq_acc = _acc_over(np.swapaxes(ds, -1, -2), prob.k, model, "pv_acc")
-    dk_acc = _fl(dk_acc * prob.scale, model, "fp32")
-    dq_acc = _fl(dq_acc * prob.scale, model, "fp32")
+    dk_acc = _fl(dk_acc * _const(prob.scale, model), model, "fp32")
+    dq_acc = _fl(dq_acc * _const(prob.scale, model), model, "fp32")
 
-    # 8. outputs in the input dtype; dk, dv of a GQA group already summed.
-    # The kv heads' k were expanded per query head: take one copy back.
+    # 8. outputs in the input dtype (dk, dv are already summed per group).
     return tuple(_fl(g, model, "input") for g in (dq_acc, dk_acc, dv_acc))

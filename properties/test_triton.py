@@ -11,11 +11,12 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from hypothesis import event, example, given, strategies as st  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from hypothesis import event, example, given  # noqa: E402
+from hypothesis import strategies as st
 
 from kernels import triton_flash  # noqa: E402
 from properties import strategies as fs  # noqa: E402

@@ -1,0 +1,283 @@
+"""Elementwise error bounds for the attention backward pass, derived from a
+precision model.
+
+`gradient_bound` bounds |dX_target - dX_exact| (X = Q, K, V) for a kernel
+that computes the FlashAttention-2 backward the way its `PrecisionModel`
+says (the contract of `kernels.numpy_backward`; the Triton kernel's
+backward follows it). The derivation, its assumptions and references are in
+docs/error-bounds-backward.md; the step numbers (B1 ...) refer to it.
+
+The bound is not first order only: every product of two perturbed
+quantities is bounded with both perturbations (|a~ b~ - a b| <=
+|da||b| + |a~||db|), the exp perturbation as P (e^eta - 1) and each
+accumulation by Higham's gamma_n, so it holds whatever the size of the
+errors (it becomes infinite when the model does not apply: overflow, or
+n u >= 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kernels.precision import FORMATS, PrecisionModel
+from verify.bounds import _TF32_TRUNC_U, _half_subnormal, _p_times_expm1, _u, attention_bound, gamma
+
+__all__ = ["GradBound", "gradient_bound"]
+
+_U64 = 2.0**-53
+#: The bound is evaluated in float64 from the oracle's float64 values (P, O,
+#: the logits: relative errors below 1e-13). This factor absorbs that and the
+#: rounding of the bound's own few dozen operations.
+_SAFETY = 1.0 + 2.0**-30
+
+
+@dataclass
+class GradBound:
+    """Bounds on |d*_target - d*_exact|, elementwise, shaped like the
+    gradients: dq (B, H, Nq, D), dk (B, Hkv, Nk, D), dv (B, Hkv, Nk, Dv).
+    ``terms`` holds the largest value of each contribution (for reports)."""
+
+    dq: np.ndarray
+    dk: np.ndarray
+    dv: np.ndarray
+    terms: dict = field(default_factory=dict)
+
+
+def _dot_error(abs_a, abs_b, n, u, tf):
+    """Bound on |fl(A B) - A B| for exact A (..., m, n), B (..., n, p) given by
+    their absolute values: products exact, n rounded additions with unit
+    ``u`` in any order (Higham §3.1), operands first rounded to tf32 when
+    ``tf`` (relative 2^-10 each, or a tf32 subnormal spacing absolutely)."""
+    g = gamma(n, u)
+    err = ((1 + tf) * (1 + g) - 1) * (abs_a @ abs_b)
+    if tf:
+        eta = FORMATS["tf32"].smallest_subnormal
+        err = err + (1 + g) * (eta * (1 + tf) * (abs_a.sum(-1)[..., :, None] + abs_b.sum(-2)[..., None, :])
+                               + n * eta**2)
+    return err
+
+
+def _group_sum(x, hkv):
+    """(B, H, N, C) summed over each GQA group -> (B, Hkv, N, C)."""
+    B, H, N, C = x.shape
+    return x.reshape(B, hkv, H // hkv, N, C).sum(axis=2)
+
+
+def _check_ref(ref):
+    for name in ("q", "k", "v", "s", "p", "out", "lse", "scale", "err_bound", "lse_err_bound", "dk"):
+        if getattr(ref, name, None) is None:
+            raise ValueError(
+                f"gradient_bound needs the oracle's {name!r}: call verify.oracle.attention with keep=True and dout="
+            )
+
+
+def _as_float64(x, name, shape):
+    if x is None:
+        return None
+    if hasattr(x, "detach"):
+        from kernels.precision import to_float64
+
+        x = to_float64(x)
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name} must be a NumPy array or torch tensor, got {type(x).__name__}")
+    x = np.asarray(x, dtype=np.float64)
+    if x.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {x.shape}")
+    if np.isnan(x).any():
+        raise ValueError(f"{name} contains NaN")
+    return x
+
+
+def gradient_bound(ref, model: PrecisionModel, *, dout, out_target=None, lse_target=None,
+                   attn_mask=None) -> GradBound:
+    """Bound on |dX_target - dX_exact| for a backward following ``model``.
+
+    ``ref`` is the oracle's result for the case with ``keep=True`` and
+    ``dout=dout`` (q, k, v, logits s, P, O, LSE and dk's shape). ``dout`` is
+    the output gradient the target received. ``out_target`` and
+    ``lse_target`` (natural log) are what the target's forward saved: when
+    given, their errors are measured a posteriori (|saved - oracle| + the
+    oracle's certified error); otherwise the forward bound of
+    `verify.bounds.attention_bound` is used. ``attn_mask`` is the case's
+    mask (only an additive one matters).
+
+    >>> import numpy as np
+    >>> from verify.oracle import attention
+    >>> from verify.models import get_model
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v, do = (rng.standard_normal((1, 1, 4, 8)).astype(np.float16) for _ in range(4))
+    >>> ref = attention(q, k, v, keep=True, dout=do)
+    >>> b = gradient_bound(ref, get_model("fa2", "fp16"), dout=do)
+    >>> b.dq.shape, bool(np.isfinite(b.dv).all())
+    ((1, 1, 4, 8), True)
+    """
+    if not isinstance(model, PrecisionModel):
+        raise TypeError(f"model must be a PrecisionModel, got {type(model).__name__}")
+    _check_ref(ref)
+    q, k, v, s, P, O = ref.q, ref.k, ref.v, ref.s, ref.p, ref.out
+    B, H, Nq, D = q.shape
+    Dv = v.shape[-1]
+    Hkv = ref.dk.shape[1]
+    scale = abs(float(ref.scale))
+    dO = _as_float64(dout, "dout", (B, H, Nq, Dv))
+    if dO is None:
+        raise ValueError("dout is required: the output gradient the target received")
+    if not np.isfinite(dO).all():
+        raise ValueError("dout contains inf")
+    out_t = _as_float64(out_target, "out_target", O.shape)
+    lse_t = _as_float64(lse_target, "lse_target", ref.lse.shape)
+
+    finite = np.isfinite(s)
+    masked_row = ~finite.any(-1)
+    s0 = np.where(finite, s, 0.0)
+    lse = np.where(masked_row, 0.0, ref.lse)
+    exp2 = model.exp_impl == "exp2"
+
+    # --- units -------------------------------------------------------------
+    u32 = _u("fp32")
+    u_dot = _u(model.qk_acc, model.acc_rounding)
+    u_acc = _u(model.pv_acc, model.acc_rounding)
+    u_log = _u(model.logits)
+    u_exp = _u(model.exp) + model.exp_rel_err
+    tf = 2 * _TF32_TRUNC_U + _TF32_TRUNC_U**2 if (model.tf32 and model.input == "fp32") else 0.0
+    u_tf = _TF32_TRUNC_U if tf else 0.0
+    eta_tf = FORMATS["tf32"].smallest_subnormal if tf else 0.0
+    u_pr = 0.0 if model.p == model.exp else _u(model.p)  # P rounded for dV
+    u_ds = 0.0 if model.p == "fp32" else _u(model.p)  # dS rounded after its fp32 product
+    eta_p = _half_subnormal(model.p)
+    eta32 = _half_subnormal("fp32")
+    u_in = 0.0 if model.input == model.pv_acc else _u(model.input)
+    eta_in = _half_subnormal(model.input)
+
+    # --- B1: errors of what the forward saved -------------------------------
+    fwd = None
+    if out_t is None or lse_t is None:
+        fwd = attention_bound(ref, model, attn_mask=attn_mask)
+    if out_t is None:
+        e_o = fwd.out
+        o_up = np.abs(O) + e_o
+    else:
+        e_o = np.abs(out_t - O) + ref.err_bound
+        o_up = np.abs(out_t)
+    if lse_t is None:
+        e_lse = np.where(masked_row, 0.0, fwd.lse)
+        lse_up = np.abs(lse) + e_lse
+    else:
+        both_dead = masked_row & np.isneginf(lse_t)
+        with np.errstate(invalid="ignore"):
+            e_lse = np.where(both_dead, 0.0, np.abs(lse_t - lse) + ref.lse_err_bound)
+        e_lse = np.where(np.isnan(e_lse), np.inf, e_lse)
+        lse_up = np.where(both_dead, 0.0, np.abs(lse_t))
+
+    # --- B2: logit errors, as in the forward bound (§3 of error-bounds.md) --
+    qk = q @ np.swapaxes(k, -1, -2)
+    e_logit = scale * _dot_error(np.abs(q), np.swapaxes(np.abs(k), -1, -2), D, u_dot, tf)
+    mag = np.abs(scale * qk) + e_logit
+    # Scale constant: fl32(scale), or fl32(fl32(scale) log2 e) (one or two
+    # roundings), charged on |s| since the saved LSE does not share it.
+    u_c = 2 * u32 + u32**2 if exp2 else u32
+    e_logit = e_logit + (u_log + u_c * (1 + u_log)) * mag
+    if attn_mask is not None and np.asarray(attn_mask).dtype != bool:
+        a = np.abs(np.broadcast_to(np.asarray(attn_mask).astype(np.float64), s.shape))
+        a = np.where(np.isfinite(a), a, 0.0)
+        u_mask = (u_log + u32) if exp2 else 0.0
+        e_logit = e_logit + u_mask * a + np.where(a > 0, u_log * (np.abs(s0) + e_logit + u_mask * a), 0.0)
+    # --- B3: P recomputed from the saved LSE --------------------------------
+    # exp2 kernels convert the natural LSE: fl32(LSE fl32(log2 e)).
+    e_conv = (2 * u32 + u32**2) * lse_up if exp2 else 0.0
+    e_arg = e_logit + (e_lse + e_conv)[..., None]
+    e_sub = u_log * (np.abs(s0 - lse[..., None]) + e_arg)
+    eta = np.where(finite, e_arg + e_sub - np.log1p(-u_exp), 0.0)
+    eta_exp = FORMATS["fp32"].tiny if exp2 else _half_subnormal(model.exp)
+    dP_rel = _p_times_expm1(P, eta)  # |p~ - P| <= P (e^eta - 1) + underflow
+    e_p = np.where(finite, dP_rel + eta_exp, 0.0)
+    p_up = P + e_p
+    # P rounded to model.p (and to tf32) for the dV product.
+    e_ph = e_p + ((1 + u_pr) * (1 + u_tf) - 1) * p_up + np.where(finite, (eta_p if u_pr else 0.0) + eta_tf, 0.0)
+    ph_up = P + e_ph
+
+    absdo = np.abs(dO)
+    e_do = u_tf * absdo + eta_tf  # dO rounded to tf32 for the dot products
+    do_up = absdo + e_do
+
+    # --- B4: dV = P^T dO, summed over the group and the queries -------------
+    n_v = _group_sum(np.swapaxes(finite, -1, -2).sum(-1, keepdims=True).astype(np.float64), Hkv)  # (B,Hkv,Nk,1)
+    pt = np.swapaxes(e_ph, -1, -2)
+    e_dv = _group_sum(pt @ absdo + np.swapaxes(ph_up, -1, -2) @ e_do, Hkv)
+    e_dv = e_dv + gamma(n_v, u_acc) * _group_sum(np.swapaxes(ph_up, -1, -2) @ do_up, Hkv)
+    dv_up = np.abs(ref.dv) + e_dv
+    e_dv = e_dv + u_in * dv_up + (eta_in if u_in else 0.0)
+
+    # --- B5: dP = dO V^T, D = rowsum(dO O), X = dP - D ----------------------
+    absv = np.abs(v)
+    e_dp = _dot_error(absdo, np.swapaxes(absv, -1, -2), Dv, u_dot, tf)
+    e_d = (absdo * e_o).sum(-1) + gamma(Dv, u32) * (absdo * o_up).sum(-1) + Dv * eta32 * (1 + gamma(Dv, u32))
+    dp = dO @ np.swapaxes(v, -1, -2)
+    Dvec = (dO * O).sum(-1)
+    X = dp - Dvec[..., None]
+    # X in float64 from the oracle's O: its own evaluation error, made explicit.
+    mag_x64 = absdo @ np.swapaxes(absv, -1, -2) + (absdo * np.abs(O)).sum(-1)[..., None]
+    absX = np.abs(X) + gamma(Dv + 2, _U64) * mag_x64
+    e_x0 = e_dp + e_d[..., None]
+    e_x = e_x0 + u32 * (absX + e_x0)
+
+    # --- B6: dS = fl_p(fl32(p~ X~)) -----------------------------------------
+    dS_abs = P * absX
+    e_prod = e_p * absX + p_up * e_x
+    r = (1 + u32) * (1 + u_ds) * (1 + u_tf) - 1
+    e_ds = e_prod + r * (dS_abs + e_prod) + (1 + u_ds) * eta32 + (eta_p if u_ds else 0.0) + eta_tf
+    e_ds = np.where(finite, e_ds, 0.0)
+    ds_up = dS_abs + e_ds
+
+    # --- B7: dK = scale dS^T Q, dQ = scale dS K -----------------------------
+    absq, absk = np.abs(q), np.abs(k)
+    e_q, e_k = u_tf * absq + eta_tf, u_tf * absk + eta_tf
+    post = (1 + u32) ** 2  # fl32(scale), then the product, in fp32
+    dst = np.swapaxes(ds_up, -1, -2)
+    n_k = n_v
+    acc_k = _group_sum(np.swapaxes(e_ds, -1, -2) @ absq + dst @ e_q, Hkv)
+    acc_k = acc_k + gamma(n_k, u_acc) * _group_sum(dst @ (absq + e_q), Hkv)
+    e_dk = scale * post * acc_k + (post - 1) * np.abs(ref.dk) + eta32
+    n_q = finite.sum(-1, keepdims=True).astype(np.float64)
+    acc_q = e_ds @ absk + ds_up @ e_k + gamma(n_q, u_acc) * (ds_up @ (absk + e_k))
+    e_dq = scale * post * acc_q + (post - 1) * np.abs(ref.dq) + eta32
+    e_dk = e_dk + u_in * (np.abs(ref.dk) + e_dk) + (eta_in if u_in else 0.0)
+    e_dq = e_dq + u_in * (np.abs(ref.dq) + e_dq) + (eta_in if u_in else 0.0)
+
+    # --- where the model does not apply: overflow --------------------------
+    # A partial sum of n terms is at most (1 + gamma_n) times the sum of
+    # their magnitudes; an fp32 intermediate above half fp32's range may
+    # overflow (inf, then NaN), and the bound is infinite there.
+    half32 = FORMATS["fp32"].max / 2
+    big = bool(np.max(np.where(finite, mag, 0.0), initial=0.0) > FORMATS[model.logits].max / 4) or not np.all(
+        np.isfinite(np.where(finite, eta, 0.0)))
+    if tf:
+        tf_max = FORMATS["tf32"].max
+        big = big or any(bool((np.abs(x) > tf_max).any()) for x in (q, k, v, dO))
+    mag_dp = (1 + tf) * (1 + gamma(Dv, u_dot)) * (absdo @ np.swapaxes(absv, -1, -2)) + e_dp
+    mag_d = (1 + gamma(Dv, u32)) * (absdo * o_up).sum(-1)
+    pair_over = (mag_dp > half32) | (mag_d[..., None] > half32) | (absX + e_x > half32)
+    pair_over |= (p_up * (absX + e_x) > half32) | (ds_up > FORMATS[model.p].max / 2)
+    over_q = pair_over.any(-1, keepdims=True)
+    over_q = over_q | ((1 + gamma(n_q, u_acc)) * (ds_up @ (absk + e_k)) > half32)
+    over_k = _group_sum(np.swapaxes(pair_over, -1, -2).any(-1, keepdims=True).astype(np.float64), Hkv) > 0
+    over_k = over_k | ((1 + gamma(n_k, u_acc)) * _group_sum(dst @ (absq + e_q), Hkv) > half32)
+    over_v = (1 + gamma(n_v, u_acc)) * _group_sum(np.swapaxes(ph_up, -1, -2) @ do_up, Hkv) > half32
+    out_max = FORMATS[model.input].max
+    bounds = []
+    for e, exact, over in ((e_dq, ref.dq, over_q), (e_dk, ref.dk, over_k), (e_dv, ref.dv, over_v)):
+        e = e * _SAFETY
+        with np.errstate(invalid="ignore"):
+            bad = big | over | ~(np.abs(exact) + e <= out_max)
+        bounds.append(np.where(bad, np.inf, e))
+    terms = {
+        "p_recompute": float(np.max(e_p, initial=0.0)),
+        "delta": float(np.max(e_d, initial=0.0)),
+        "dp": float(np.max(e_dp, initial=0.0)),
+        "ds": float(np.max(e_ds, initial=0.0)),
+        "saved_out": float(np.max(e_o, initial=0.0)),
+        "saved_lse": float(np.max(e_lse, initial=0.0)),
+    }
+    return GradBound(dq=bounds[0], dk=bounds[1], dv=bounds[2], terms=terms)
