@@ -47,7 +47,15 @@ settings.register_profile(
     suppress_health_check=_SLOW_OK,
     verbosity=Verbosity.normal,
 )
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+settings.register_profile("long", parent=settings.get_profile("ci"), max_examples=250)
+_profile = os.environ.get("HYPOTHESIS_PROFILE", "dev")
+if os.environ.get("HYPOTHESIS_MAX_EXAMPLES"):
+    # Same profile, another example count (a shorter or longer nightly).
+    _name = f"{_profile}-{os.environ['HYPOTHESIS_MAX_EXAMPLES']}"
+    settings.register_profile(_name, parent=settings.get_profile(_profile),
+                              max_examples=int(os.environ["HYPOTHESIS_MAX_EXAMPLES"]))
+    _profile = _name
+settings.load_profile(_profile)
 
 
 def _cuda_available() -> bool:
@@ -66,4 +74,3 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-settings.register_profile("long", parent=settings.get_profile("ci"), max_examples=250)

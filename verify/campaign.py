@@ -68,9 +68,11 @@ class CampaignConfig:
             raise ConfigError(f"shard index {index} must be in [0, {count})")
         self.out = Path(self.out)
         if self.max_seq is None:
-            self.max_seq = 80 if self.device == "cpu" else 2048
+            self.max_seq = 80 if self.device == "cpu" else 4096
         if self.max_scores is None:
-            self.max_scores = 2**13 if self.device == "cpu" else 2**24
+            # The oracle and the bound run on the host in float64: keep cases
+            # to about a million scores on GPU runs.
+            self.max_scores = 2**13 if self.device == "cpu" else 2**20
 
 
 @dataclass

@@ -105,10 +105,13 @@ def setup_fuzz(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="precision model for every target (default: each target's "
                         "own, else fa2 for fp16/bf16 and fp32-ieee for fp32)")
     parser.add_argument("--out", default="reports/latest", help="output directory (default reports/latest)")
-    parser.add_argument("--max-seq", type=int, default=None, help="longest sequence (default 80 on cpu, 2048 on cuda)")
+    parser.add_argument("--max-seq", type=int, default=None, help="longest sequence (default 80 on cpu, 4096 on cuda)")
+    parser.add_argument("--max-scores", type=int, default=None,
+                        help="cap on B*H*Nq*Nk per case (default 2**13 on cpu, 2**20 on cuda)")
     parser.add_argument("--timeout", type=float, default=300.0, help="per-case timeout of a target in seconds")
     parser.add_argument("--no-isolate", action="store_true", help="run targets in this process (no crash isolation)")
-    parser.add_argument("--shard", default="0/1", metavar="I/N", help="run the I-th of N interleaved shards of the cases")
+    parser.add_argument("--shard", default="0/1", metavar="I/N",
+                        help="run the I-th of N interleaved shards of the cases")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -137,6 +140,7 @@ def run_fuzz(args: argparse.Namespace) -> int:
         cfg = CampaignConfig(
             targets=args.target, dtypes=_dtypes(args.dtype), budget=args.budget, max_examples=args.max_examples,
             seed=args.seed, device=args.device, model=args.model, out=args.out, max_seq=args.max_seq,
+            max_scores=args.max_scores,
             timeout=args.timeout, isolate=not args.no_isolate, progress=not args.no_progress, shard=(index, count),
         )
         result = run_campaign(cfg)

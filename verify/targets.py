@@ -128,7 +128,7 @@ def _sdpa(backend: str):
                     enable_gqa=case.enable_gqa,
                 )
         except RuntimeError as exc:
-            if "No available kernel" in str(exc):
+            if "No available kernel" in str(exc) or "No viable backend" in str(exc):
                 raise NotImplementedError(f"SDPA backend {backend} does not support this case") from exc
             raise
         return TargetOutput(out)
