@@ -22,7 +22,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hypothesis import HealthCheck, Phase, given, reject, seed, settings
+from hypothesis import HealthCheck, Phase, given, seed, settings
+from hypothesis import strategies as st
 from hypothesis import target as hypothesis_target
 
 from verify import oracle as _oracle
@@ -53,6 +54,8 @@ class CampaignConfig:
     isolate: bool = True
     progress: bool = True
     shard: tuple = (0, 1)  # (index, count): run only cases whose number % count == index
+    masks: tuple | None = None  # mask kinds (None: all)
+    magnitudes: tuple | None = None  # magnitude classes (None: all, NaN/Inf included)
 
     def __post_init__(self):
         if not self.targets:
@@ -147,6 +150,7 @@ def run_campaign(cfg: CampaignConfig) -> CampaignResult:
     strategy = case_strategy(
         dtypes=tuple(cfg.dtypes), max_seq=cfg.max_seq, max_scores=cfg.max_scores,
         block_kind=block_kind, allow_nonfinite=True,
+        masks=cfg.masks, magnitudes=cfg.magnitudes,
     )
     cfg.out.mkdir(parents=True, exist_ok=True)
     (cfg.out / "cases.jsonl").unlink(missing_ok=True)
@@ -163,10 +167,13 @@ def run_campaign(cfg: CampaignConfig) -> CampaignResult:
         print_blob=False, report_multiple_bugs=False,
     )
     @seed(cfg.seed)
-    @given(strategy)
-    def explore(case):
+    @given(st.data())
+    def explore(data):
+        # Past the budget, return before drawing: generating a case is the
+        # expensive part, and Hypothesis then runs out its examples at once.
         if time.monotonic() > deadline:
-            reject()
+            return
+        case = data.draw(strategy, label="case")
         counter["n"] += 1
         if (counter["n"] - 1) % cfg.shard[1] != cfg.shard[0]:
             return

@@ -93,6 +93,19 @@ def _dtypes(text: str) -> tuple:
     return tuple(dict.fromkeys(names))
 
 
+def _names(text, what, table):
+    if text is None:
+        return None
+    from properties import strategies
+
+    known = getattr(strategies, table)
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise UsageError(f"unknown {what} {unknown or text!r}; expected some of {', '.join(known)}")
+    return names
+
+
 def setup_fuzz(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", action="append", required=True, metavar="T",
                         help="triton, numpy-tiled, sdpa-math, sdpa-flash, sdpa-efficient, sdpa-cudnn, flash-attn "
@@ -112,6 +125,9 @@ def setup_fuzz(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-isolate", action="store_true", help="run targets in this process (no crash isolation)")
     parser.add_argument("--shard", default="0/1", metavar="I/N",
                         help="run the I-th of N interleaved shards of the cases")
+    parser.add_argument("--masks", default=None, help="comma-separated mask kinds (default: all): none, causal, "
+                        "bool-random, additive, sliding-window, fully-masked-rows")
+    parser.add_argument("--magnitudes", default=None, help="comma-separated magnitude classes (default: all)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -140,7 +156,8 @@ def run_fuzz(args: argparse.Namespace) -> int:
         cfg = CampaignConfig(
             targets=args.target, dtypes=_dtypes(args.dtype), budget=args.budget, max_examples=args.max_examples,
             seed=args.seed, device=args.device, model=args.model, out=args.out, max_seq=args.max_seq,
-            max_scores=args.max_scores,
+            max_scores=args.max_scores, masks=_names(args.masks, "mask kind", "MASK_KINDS"),
+            magnitudes=_names(args.magnitudes, "magnitude class", "MAGNITUDES"),
             timeout=args.timeout, isolate=not args.no_isolate, progress=not args.no_progress, shard=(index, count),
         )
         result = run_campaign(cfg)
