@@ -35,6 +35,8 @@ campaign h100 --seed 1
 echo "== campaign over the fused backends' feature set (no explicit masks, fp16/bf16)"
 campaign h100-fused --seed 2 --dtype fp16,bf16 --masks none,causal
 
-echo "== causal alignment check (Nq != Nk) per backend"
-timeout 60 python3 scripts/causal_alignment.py > "$OUT/causal.txt" 2>&1
-cat "$OUT/causal.txt"
+echo "== causal alignment check (Nq != Nk) per backend, and the cuDNN NaN case"
+{ timeout 60 python3 scripts/causal_alignment.py 2>&1 | grep -v Warning | grep -v "return sdpa"
+  for f in reports/h100/repro/*sdpa-cudnn.npz; do [ -e "$f" ] && timeout 60 python3 scripts/cudnn_nan.py "$f"; done
+} > "$OUT/checks.txt" 2>&1
+cat "$OUT/checks.txt"
