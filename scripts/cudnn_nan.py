@@ -23,7 +23,7 @@ case = Case.load(sys.argv[1])
 print(case.describe())
 q, k, v, _ = case.to_torch("cuda")
 gqa = case.enable_gqa
-print("as found (layout %s):" % case.layout, nans(q, k, v, case.is_causal, gqa))
+print(f"as found (layout {case.layout}):", nans(q, k, v, case.is_causal, gqa))
 qc, kc, vc = (t.contiguous() for t in (q, k, v))
 print("contiguous copies:", nans(qc, kc, vc, case.is_causal, gqa))
 if gqa:
