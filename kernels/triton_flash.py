@@ -440,6 +440,21 @@ def _gpu_config(d_pad: int, dtype, kernel: str) -> tuple[int, int, int, int]:
     return _GPU_BWD[d_pad][0 if kernel == "dkdv" else 1]
 
 
+def _fit_blocks(bm: int, bn: int, d_pad: int, dtype, kernel: str) -> tuple[int, int]:
+    """Explicit GPU block sizes, capped where the tiles would not fit.
+
+    At head dims padded to 256 (and for fp32 from 128) a 128 x 128 tile pair
+    needs more shared memory than an H100 SM has (the fuzzer found
+    OutOfResources in the backward and ptxas running out of registers). Tile
+    sizes do not enter the precision contract, so capping them changes
+    speed, not the checks."""
+    big = d_pad >= 256 or (dtype == torch.float32 and d_pad >= 128)
+    if not big:
+        return bm, bn
+    cap = 32 if (kernel != "fwd" or dtype == torch.float32) else 64
+    return min(bm, cap), min(bn, cap)
+
+
 def default_blocks(head_dim: int, device: str = "cuda", kernel: str = "fwd",
                    dtype=torch.float16) -> tuple[int, int]:
     """Default (block_m, block_n) for a head dim on a device type; ``kernel``
@@ -582,6 +597,8 @@ def _forward(q, k, v, attn_mask, is_causal, c, block_m, block_n, allow_tf32, lau
     on_cpu = q.device.type == "cpu"
     dbm, dbn = default_blocks(D, q.device.type, "fwd", q.dtype)
     bm, bn = block_m or dbm, block_n or dbn
+    if not on_cpu:
+        bm, bn = _fit_blocks(bm, bn, d_pad, q.dtype, "fwd")
     out = torch.empty((B, H, Nq, D), dtype=_store_dtype(q), device=q.device)
     lse2 = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
     mask, ms, mask_bool = _mask_args(attn_mask, q, B, H, Nq, Nk)
@@ -622,7 +639,10 @@ def _backward(do, q, k, v, out, lse2, attn_mask, is_causal, c, sm_scale, block_m
         else:
             bm, bn, warps, stages = configs[kernel == "dq"] if configs else _gpu_config(d_pad, q.dtype, kernel)
             extra = {"num_warps": warps, "num_stages": stages, "enable_fp_fusion": False}
-        launch[kernel] = (block_m or bm, block_n or bn, extra)
+        bm, bn = block_m or bm, block_n or bn
+        if not on_cpu:
+            bm, bn = _fit_blocks(bm, bn, d_pad, q.dtype, kernel)
+        launch[kernel] = (bm, bn, extra)
     delta = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
     pre_bm = 16 if on_cpu else 64
     _bwd_preprocess_kernel[(triton.cdiv(Nq, pre_bm), B * H)](
