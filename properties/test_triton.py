@@ -84,6 +84,9 @@ def test_triton_semantics_cpu(case):
 @pytest.mark.gpu
 @pytest.mark.skipif(INTERPRETED, reason="GPU variant: TRITON_INTERPRET must be unset")
 @given(fs.cases(block_kind="triton", magnitudes=NO_NAN, **GPU_SIZES), st.booleans())
+# Found on the H100: subnormal fp32 outputs; the accumulation bound was only
+# relative, rounding in the subnormal range is absolute.
+@example(Case.load(REGRESSIONS / "triton-gpu-fp32-subnormal-additive.npz"), False)
 def test_triton_matches_oracle_within_declared_bound_gpu(case, allow_tf32):
     _check(case, "cuda", allow_tf32)
 

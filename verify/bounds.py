@@ -238,6 +238,12 @@ def attention_bound(ref, model: PrecisionModel, *, attn_mask=None, block_n=None,
         num_err = num_err + eta_tf * (1 + g_pv) * (
             p_up.sum(-1)[..., None] * (1 + u_pp) + (finite / ell[..., None]) @ absv + eta_tf
         )
+    # In the subnormal range rounding is absolute, not relative: each of the
+    # n_acc operations of the P V accumulation may lose up to one subnormal
+    # spacing (half of one when rounding to nearest). Found on the H100 with
+    # subnormal fp32 inputs; divided by l >= 1 at most once.
+    num_err = num_err + n_acc[..., None] * FORMATS[model.pv_acc].smallest_subnormal * (
+        1.0 if model.acc_rounding == "zero" else 0.5)
     theta = g_l
     fallback |= theta >= 0.5
     theta = np.where(theta >= 0.5, 0.0, theta)
