@@ -6,7 +6,7 @@ emulation under the model; each case's max error/bound ratio is recorded.
 Prints, per dtype and model, the number of cases, the median and the
 maximum ratio, and whether any ratio exceeded 1 (a soundness failure).
 
-    python scripts/bound_sharpness.py --examples 200 --out docs/bounds-sharpness.json
+    PYTHONPATH=. python scripts/bound_sharpness.py --examples 200 --out docs/bounds-sharpness.json
 """
 
 import argparse
