@@ -78,8 +78,13 @@ def test_split_kv_matches_oracle_within_bound(args, data):
     case, model = args
     parts = data.draw(partitions(case.k.shape[2]))
     ref = oracle.attention_case(case, keep=True)
-    out = na.split_kv_attention(case.q, case.k, case.v, parts, **_opts(case), block_n=case.block_n, model=model)
     b = attention_bound(ref, model, attn_mask=case.attn_mask, partition=parts)
+    try:
+        out = na.split_kv_attention(case.q, case.k, case.v, parts, **_opts(case), block_n=case.block_n, model=model)
+    except ValueError:
+        assert not np.isfinite(b.out).all(), "emulation failed on a case the model covers"
+        event("model overflows: not applicable")
+        return
     assert_within(f"split/{model.name}", out, ref.out, b.out + ref.err_bound, case=case)
 
 
@@ -94,10 +99,16 @@ def test_merge_is_associative_commutative_with_identity(args, data):
     if parts is None:
         cut = sorted(data.draw(st.lists(st.integers(0, nk), min_size=2, max_size=2)))
         parts = [np.arange(0, cut[0]), np.arange(cut[0], cut[1]), np.arange(cut[1], nk)]
-    a, b, c = (na.partial_state(case.q, case.k, case.v, p, **_opts(case), block_n=case.block_n, model=model)
-               for p in parts)
     ref = oracle.attention_case(case, keep=True)
     bound = attention_bound(ref, model, attn_mask=case.attn_mask, partition=parts).out + ref.err_bound
+    try:
+        a, b, c = (na.partial_state(case.q, case.k, case.v, p, **_opts(case), block_n=case.block_n, model=model)
+                   for p in parts)
+    except ValueError:
+        # As in the tiled property: only where the model overflows.
+        assert not np.isfinite(bound).all(), "emulation failed on a case the model covers"
+        event("model overflows: not applicable")
+        return
     merge = lambda x, y: na.merge(x, y, model=model)  # noqa: E731
     results = {
         "(ab)c": merge(merge(a, b), c),
@@ -134,8 +145,13 @@ def test_key_permutation_invariance(args, data):
     ref = oracle.attention_case(case, keep=True)
     ref_p = oracle.attention_case(permuted, keep=True)
     kw = dict(block_m=case.block_m, block_n=case.block_n, model=model)
-    out = na.tiled_attention(case.q, case.k, case.v, **_opts(case), **kw)
-    out_p = na.tiled_attention(permuted.q, permuted.k, permuted.v, **_opts(permuted), **kw)
     b = attention_bound(ref, model, attn_mask=case.attn_mask).out
     b_p = attention_bound(ref_p, model, attn_mask=permuted.attn_mask).out
+    try:
+        out = na.tiled_attention(case.q, case.k, case.v, **_opts(case), **kw)
+        out_p = na.tiled_attention(permuted.q, permuted.k, permuted.v, **_opts(permuted), **kw)
+    except ValueError:
+        assert not np.isfinite(b).all(), "emulation failed on a case the model covers"
+        event("model overflows: not applicable")
+        return
     assert_within(f"permutation/{model.name}", out_p, out, b + b_p + ref.err_bound + ref_p.err_bound, case=case)

@@ -203,7 +203,8 @@ def attention_bound(ref, model: PrecisionModel, *, attn_mask=None, block_n=None,
     e_expo = -np.log1p(-u_exp) + rescales * (-np.log1p(-u_resc))
     e_c = np.where(finite, e_logit + e_common_c + e_sub + e_expo, 0.0)
     e_abs = np.where(finite, e_logit + e_common_abs + e_sub + e_expo, 0.0)
-    E = np.expm1(e_c)
+    with np.errstate(over="ignore"):
+        E = np.expm1(e_c)  # may be inf for keys far below the max: only P E is used then
     PE = _p_times_expm1(p, e_c)  # P_j E_j without inf * 0 for far-below-max keys
 
     # Absolute errors of exp results that underflow (ftz on GPUs).
@@ -229,7 +230,8 @@ def attention_bound(ref, model: PrecisionModel, *, attn_mask=None, block_n=None,
     sum_pv = p_up @ absv
     eta_p = 0.0 if u_p == 0.0 else _half_subnormal(model.p)
     tiny_p = FORMATS[model.p].tiny
-    maybe_sub = finite & (w_exact * (1 - E) < tiny_p)
+    with np.errstate(invalid="ignore"):
+        maybe_sub = finite & ~(w_exact * (1 - E) >= tiny_p)  # NaN (0 * inf) counts as "may be subnormal"
     # tf32 models round both P and V to tf32 for the product as well.
     u_pp = (1 + u_p) * (1 + tf) - 1
     num_err = (u_pp + g_pv * (1 + u_pp)) * sum_pv + eta_p * ((maybe_sub / ell[..., None]) @ absv)

@@ -156,7 +156,8 @@ def _judge_nonfinite(case: Case, out, model: PrecisionModel) -> Judgement:
     q_nan = np.isnan(q).any(-1)  # (B, H, Nq)
     q_bad = ~np.isfinite(q).all(-1)
     visible = _visibility(case, B, H, Nq, k.shape[2])
-    must_be_bad = q_nan | (visible & kv_nan[:, :, None, :]).any(-1)
+    # A fully masked row reads nothing, not even its query: its output is 0.
+    must_be_bad = (q_nan & visible.any(-1)) | (visible & kv_nan[:, :, None, :]).any(-1)
     may_be_clean = ~q_bad & ~kv_bad.any(-1)[:, :, None]
     o = to_float64(out)
     if o.shape[:3] != (B, H, Nq):

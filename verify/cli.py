@@ -128,6 +128,8 @@ def setup_fuzz(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--masks", default=None, help="comma-separated mask kinds (default: all): none, causal, "
                         "bool-random, additive, sliding-window, fully-masked-rows")
     parser.add_argument("--magnitudes", default=None, help="comma-separated magnitude classes (default: all)")
+    parser.add_argument("--crosscheck", type=int, default=0, metavar="ROWS",
+                        help="re-check this many oracle rows per case with pure mpmath at twice the precision")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -157,7 +159,7 @@ def run_fuzz(args: argparse.Namespace) -> int:
             targets=args.target, dtypes=_dtypes(args.dtype), budget=args.budget, max_examples=args.max_examples,
             seed=args.seed, device=args.device, model=args.model, out=args.out, max_seq=args.max_seq,
             max_scores=args.max_scores, masks=_names(args.masks, "mask kind", "MASK_KINDS"),
-            magnitudes=_names(args.magnitudes, "magnitude class", "MAGNITUDES"),
+            magnitudes=_names(args.magnitudes, "magnitude class", "MAGNITUDES"), crosscheck=args.crosscheck,
             timeout=args.timeout, isolate=not args.no_isolate, progress=not args.no_progress, shard=(index, count),
         )
         result = run_campaign(cfg)
