@@ -28,7 +28,7 @@ from hypothesis import target as hypothesis_target
 from hypothesis.errors import Flaky
 
 from verify import oracle as _oracle
-from verify.check import CaseResult, run_case
+from verify.check import CaseResult, baseline_error, run_case
 from verify.isolation import IsolatedTarget
 from verify.targets import resolve_target
 
@@ -183,9 +183,10 @@ def run_campaign(cfg: CampaignConfig) -> CampaignResult:
         if all(bool((abs(t.astype("float64")) < math.inf).all()) for t in (case.q, case.k, case.v)):
             # The oracle failing (or its cross-check) is a harness bug: let it surface.
             ref = _oracle.attention_case(case, keep=True, with_grad=False, crosscheck_rows=cfg.crosscheck)
+        base_err = baseline_error(case, ref) if ref is not None else None
         result.cases += 1
         for runner in runners:
-            row_result = run_case(case, runner, device=cfg.device, ref=ref)
+            row_result = run_case(case, runner, device=cfg.device, ref=ref, baseline_err=base_err)
             row = row_result.row()
             writer.write(row)
             result.rows.append(row)

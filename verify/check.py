@@ -26,7 +26,7 @@ from verify import oracle as _oracle
 from verify.bounds import Bound, attention_bound
 from verify.case import Case
 
-__all__ = ["CaseResult", "Judgement", "judge", "run_case"]
+__all__ = ["CaseResult", "Judgement", "baseline_error", "judge", "run_case"]
 
 
 @dataclass
@@ -192,8 +192,11 @@ def _zero_nonfinite(arr: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(x), x, 0.0).astype(arr.dtype)
 
 
-def run_case(case: Case, target, *, device: str = "cpu", ref=None, baseline: bool = True) -> CaseResult:
-    """Run ``target`` (a `verify.targets.Target`) on ``case`` and judge it."""
+def run_case(case: Case, target, *, device: str = "cpu", ref=None, baseline: bool = True,
+             baseline_err: float | None = None) -> CaseResult:
+    """Run ``target`` (a `verify.targets.Target`) on ``case`` and judge it.
+    ``baseline_err`` (from `baseline_error`) saves recomputing the naive
+    baseline for each target of the same case."""
     model = target.model_for(case.dtype, device)
     start = time.perf_counter()
     result = CaseResult(case=case, target=target.name, model=model.name, verdict="fail")
@@ -230,11 +233,17 @@ def run_case(case: Case, target, *, device: str = "cpu", ref=None, baseline: boo
     if ref is not None:
         result.oracle_mp_rows = ref.mp_rows
     if baseline and ref is not None and j.metrics is not None and np.isfinite(j.metrics.max_abs_err):
-        naive = _metrics.naive_attention(
-            case.q, case.k, case.v, attn_mask=case.attn_mask, is_causal=case.is_causal, scale=case.scale,
-            enable_gqa=case.enable_gqa,
-        )
-        base_err = float(np.max(np.abs(to_float64(naive) - ref.out), initial=0.0))
+        base_err = baseline_error(case, ref) if baseline_err is None else baseline_err
         if np.isfinite(base_err):  # the naive baseline itself may overflow or give NaN
             result.baseline_ratio = _metrics.baseline_ratio(j.metrics.max_abs_err, base_err)
     return result
+
+
+def baseline_error(case: Case, ref) -> float:
+    """Max error of a same-precision naive attention on the case (the
+    denominator of the baseline ratio); computed once per case."""
+    naive = _metrics.naive_attention(
+        case.q, case.k, case.v, attn_mask=case.attn_mask, is_causal=case.is_causal, scale=case.scale,
+        enable_gqa=case.enable_gqa,
+    )
+    return float(np.max(np.abs(to_float64(naive) - ref.out), initial=0.0))
