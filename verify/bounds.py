@@ -19,7 +19,7 @@ import numpy as np
 
 from kernels.precision import FORMATS, PrecisionModel
 
-__all__ = ["Bound", "attention_bound", "gamma", "rescale_counts", "softmax_bound"]
+__all__ = ["Bound", "attention_bound", "dot_error", "gamma", "rescale_counts", "softmax_bound"]
 
 _TF32_TRUNC_U = 2.0**-10  # tf32 conversion may truncate: bound it as such
 _LG2_ABS_ERR = 2.0**-21  # lg2.approx.f32: absolute error in log2 units (PTX ISA: 2**-22.6), with margin
@@ -72,6 +72,21 @@ def _records_after(s: np.ndarray, tol: np.ndarray) -> np.ndarray:
         maybe = np.isfinite(s) & (s >= prev - tol[..., None])
     counts = np.cumsum(maybe[..., ::-1], axis=-1)[..., ::-1]  # keys >= j
     return counts - maybe  # strictly after j
+
+
+def dot_error(abs_a, abs_b, n, u, tf):
+    """Bound on |fl(A B) - A B| for exact A (..., m, n), B (..., n, p) given by
+    their absolute values: products exact, n rounded additions with unit
+    ``u`` in any order (Higham §3.1), operands first rounded to tf32 when
+    ``tf`` (relative 2^-10 each, or a tf32 subnormal spacing absolutely:
+    rounding a subnormal is an absolute error)."""
+    g = gamma(n, u)
+    err = ((1 + tf) * (1 + g) - 1) * (abs_a @ abs_b) * _ROUND_TRIP
+    if tf:
+        eta = FORMATS["tf32"].smallest_subnormal
+        err = err + (1 + g) * (eta * (1 + tf) * (abs_a.sum(-1)[..., :, None] + abs_b.sum(-2)[..., None, :])
+                               + n * eta**2)
+    return err
 
 
 def _p_times_expm1(p: np.ndarray, e: np.ndarray) -> np.ndarray:
@@ -164,15 +179,8 @@ def attention_bound(ref, model: PrecisionModel, *, attn_mask=None, block_n=None,
 
     # --- per-key logit errors (section 3) ---------------------------------
     qk = q @ np.swapaxes(k, -1, -2)
-    absqk = np.abs(q) @ np.swapaxes(np.abs(k), -1, -2)
-    e_dot = scale * ((1 + tf) * (1 + gamma(D, u_dot)) - 1) * absqk * _ROUND_TRIP
-    eta_tf = 0.0
-    if tf:
-        # tf32 rounding of subnormal inputs is absolute: a tf32 subnormal spacing.
-        eta_tf = FORMATS["tf32"].smallest_subnormal
-        l1q = np.abs(q).sum(-1)[..., :, None]
-        l1k = np.abs(k).sum(-1)[..., None, :]
-        e_dot = e_dot + scale * (1 + gamma(D, u_dot)) * (eta_tf * (1 + tf) * (l1q + l1k) + D * eta_tf**2)
+    e_dot = scale * dot_error(np.abs(q), np.swapaxes(np.abs(k), -1, -2), D, u_dot, tf)
+    eta_tf = FORMATS["tf32"].smallest_subnormal if tf else 0.0
     mag_sS = np.abs(scale * qk) + e_dot
     e_mul = u_log * mag_sS
     a = np.zeros_like(s0)

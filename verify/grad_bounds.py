@@ -22,7 +22,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kernels.precision import FORMATS, PrecisionModel
-from verify.bounds import _TF32_TRUNC_U, _half_subnormal, _p_times_expm1, _u, attention_bound, gamma
+from verify.bounds import (
+    _TF32_TRUNC_U,
+    _half_subnormal,
+    _p_times_expm1,
+    _u,
+    attention_bound,
+    dot_error,
+    gamma,
+)
 
 __all__ = ["GradBound", "gradient_bound"]
 
@@ -43,20 +51,6 @@ class GradBound:
     dk: np.ndarray
     dv: np.ndarray
     terms: dict = field(default_factory=dict)
-
-
-def _dot_error(abs_a, abs_b, n, u, tf):
-    """Bound on |fl(A B) - A B| for exact A (..., m, n), B (..., n, p) given by
-    their absolute values: products exact, n rounded additions with unit
-    ``u`` in any order (Higham §3.1), operands first rounded to tf32 when
-    ``tf`` (relative 2^-10 each, or a tf32 subnormal spacing absolutely)."""
-    g = gamma(n, u)
-    err = ((1 + tf) * (1 + g) - 1) * (abs_a @ abs_b)
-    if tf:
-        eta = FORMATS["tf32"].smallest_subnormal
-        err = err + (1 + g) * (eta * (1 + tf) * (abs_a.sum(-1)[..., :, None] + abs_b.sum(-2)[..., None, :])
-                               + n * eta**2)
-    return err
 
 
 def _group_sum(x, hkv):
@@ -173,7 +167,7 @@ def gradient_bound(ref, model: PrecisionModel, *, dout, out_target=None, lse_tar
 
     # --- B2: logit errors, as in the forward bound (§3 of error-bounds.md) --
     qk = q @ np.swapaxes(k, -1, -2)
-    e_logit = scale * _dot_error(np.abs(q), np.swapaxes(np.abs(k), -1, -2), D, u_dot, tf)
+    e_logit = scale * dot_error(np.abs(q), np.swapaxes(np.abs(k), -1, -2), D, u_dot, tf)
     mag = np.abs(scale * qk) + e_logit
     # Scale constant: fl32(scale), or fl32(fl32(scale) log2 e) (one or two
     # roundings), charged on |s| since the saved LSE does not share it.
@@ -212,7 +206,7 @@ def gradient_bound(ref, model: PrecisionModel, *, dout, out_target=None, lse_tar
 
     # --- B5: dP = dO V^T, D = rowsum(dO O), X = dP - D ----------------------
     absv = np.abs(v)
-    e_dp = _dot_error(absdo, np.swapaxes(absv, -1, -2), Dv, u_dot, tf)
+    e_dp = dot_error(absdo, np.swapaxes(absv, -1, -2), Dv, u_dot, tf)
     e_d = (absdo * e_o).sum(-1) + gamma(Dv, u32) * (absdo * o_up).sum(-1) + Dv * eta32 * (1 + gamma(Dv, u32))
     dp = dO @ np.swapaxes(v, -1, -2)
     Dvec = (dO * O).sum(-1)
