@@ -8,7 +8,7 @@ Profiles (choose with HYPOTHESIS_PROFILE or --hypothesis-profile):
 
 import os
 
-from verify.scaleout import pin_worker_gpu
+from flashcheck.verify.scaleout import pin_worker_gpu
 
 # One GPU per pytest-xdist worker, chosen before anything initialises CUDA.
 pin_worker_gpu()

@@ -6,7 +6,7 @@ FLOPs: 4·B·H·N²·D for the forward (two matrix products), halved when
 causal; the backward counts 2.5 times the forward (five products, the
 FlashAttention-2 convention).
 
-Run ``python -m kernels.bench_kernel`` or ``python -m verify bench kernel``
+Run ``python -m flashcheck.kernels.bench_kernel`` or ``python -m flashcheck bench kernel``
 (CUDA only); ``--quick`` for a smaller grid, ``--json PATH`` to keep every
 number.
 
@@ -57,7 +57,7 @@ def _sdpa_fn(backend):
 
 def _impl_fn(impl, **kernel_kwargs):
     if impl == "triton":
-        from kernels.triton_flash import attention
+        from flashcheck.kernels.triton_flash import attention
 
         return lambda q, k, v, causal: attention(q, k, v, is_causal=causal, **kernel_kwargs)
     if impl in ("sdpa-flash", "sdpa-cudnn"):
@@ -140,7 +140,7 @@ def format_table(rows, header=True):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m kernels.bench_kernel",
+    parser = argparse.ArgumentParser(prog="python -m flashcheck.kernels.bench_kernel",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="N=4096 only, bf16 only")
     parser.add_argument("--json", help="write all rows to this file")
@@ -159,8 +159,8 @@ def main(argv=None):
     return 0
 
 
-try:  # ``python -m verify bench kernel`` once verify.cli.BENCH_MODULES lists this module
-    from verify.bench import register_bench
+try:  # ``python -m flashcheck bench kernel`` once flashcheck.verify.cli.BENCH_MODULES lists this module
+    from flashcheck.verify.bench import register_bench
 except ImportError:  # the harness is optional for the benchmark itself
     pass
 else:

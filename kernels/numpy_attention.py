@@ -71,7 +71,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kernels.precision import PrecisionModel, format_of, round_to, to_float64
+from flashcheck.kernels.precision import PrecisionModel, format_of, round_to, to_float64
 
 __all__ = [
     "State",
@@ -165,7 +165,7 @@ def _as_exact(x, name, model, field="input"):
         if not np.array_equal(round_to(values, target), values):
             raise ValueError(
                 f"{name} ({fmt.name}) has values not representable in model.{field} = {target!r}; "
-                f"round them with kernels.precision.round_to first"
+                f"round them with flashcheck.kernels.precision.round_to first"
             )
     return values, fmt.name
 

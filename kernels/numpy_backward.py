@@ -1,7 +1,7 @@
 """The FlashAttention-2 backward pass in plain NumPy, with every intermediate
 rounded as a `PrecisionModel` says.
 
-It is the backward of `kernels.triton_flash` written out step by step
+It is the backward of `flashcheck.kernels.triton_flash` written out step by step
 (Dao 2023, "FlashAttention-2", Algorithm 2): P is not stored but
 recomputed from the logits and the log-sum-exp saved by the forward pass.
 ``model=None`` is exact float64 arithmetic, the reference the tests compare
@@ -9,7 +9,7 @@ with torch autograd and the oracle.
 
 Emulation contract
 ------------------
-Same conventions as `kernels.numpy_attention` (values are float64 arrays
+Same conventions as `flashcheck.kernels.numpy_attention` (values are float64 arrays
 holding numbers of the named format; ``fl_X`` rounds to nearest-even unless
 said otherwise; products of two dot-product inputs are exact and each
 addition to an accumulator is rounded, in ``model.acc_rounding``):
@@ -56,7 +56,7 @@ import math
 
 import numpy as np
 
-from kernels.numpy_attention import (
+from flashcheck.kernels.numpy_attention import (
     _as_exact,
     _base2,
     _check_block,
@@ -66,7 +66,7 @@ from kernels.numpy_attention import (
     _prepare,
     _tile_logits,
 )
-from kernels.precision import format_of, round_to, to_float64
+from flashcheck.kernels.precision import format_of, round_to, to_float64
 
 __all__ = ["attention_backward"]
 
@@ -164,12 +164,12 @@ def attention_backward(q, k, v, out, lse, do, attn_mask=None, is_causal=False, s
     ``lse`` (B, H, Nq, natural log) are what the forward pass saved
     (``tiled_attention(..., return_lse=True)`` under the same model, or a
     kernel's own); ``do`` (B, H, Nq, Dv) is the output gradient. Options as
-    in `kernels.numpy_attention.tiled_attention`. Returns float64 arrays
+    in `flashcheck.kernels.numpy_attention.tiled_attention`. Returns float64 arrays
     dq (B, H, Nq, D), dk (B, Hkv, Nk, D), dv (B, Hkv, Nk, Dv); with GQA, dk and
     dv are summed over the query heads sharing a kv head.
 
     >>> import numpy as np
-    >>> from kernels.numpy_attention import tiled_attention
+    >>> from flashcheck.kernels.numpy_attention import tiled_attention
     >>> rng = np.random.default_rng(0)
     >>> q, k, v, do = (rng.standard_normal((1, 1, 3, 2)) for _ in range(4))
     >>> out, lse = tiled_attention(q, k, v, return_lse=True)

@@ -195,8 +195,8 @@ class PrecisionModel:
     """How an attention kernel rounds each of its intermediates.
 
     Each field names the format an intermediate is rounded to. The NumPy
-    emulation (`kernels.numpy_attention`) follows it step by step, and the
-    error bounds (`verify.bounds`) are derived from it.
+    emulation (`flashcheck.kernels.numpy_attention`) follows it step by step, and the
+    error bounds (`flashcheck.verify.bounds`) are derived from it.
 
     Fields:
         input: format of Q, K, V (and of the output's storage).

@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.precision import PrecisionModel
+from flashcheck.kernels.precision import PrecisionModel
 
 __all__ = ["attention", "precision_model", "default_blocks", "is_interpreted", "MAX_HEAD_DIM"]
 
@@ -502,7 +502,7 @@ def _validate(q, k, v, attn_mask, is_causal, scale, enable_gqa, block_m, block_n
         raise ValueError(f"unsupported device {q.device}; expected cpu (interpreter) or cuda")
     if q.device.type == "cpu" and not is_interpreted():
         raise ValueError("CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before importing "
-                         "kernels.triton_flash")
+                         "flashcheck.kernels.triton_flash")
     if q.device.type == "cuda" and is_interpreted():
         raise ValueError("the kernels were loaded under TRITON_INTERPRET=1; pass CPU tensors")
     B, H, Nq, D = q.shape

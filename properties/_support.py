@@ -5,7 +5,7 @@
 oracle's own certified error). It feeds the worst ratio to
 `hypothesis.target`, so the search climbs toward failures, and on failure
 saves the case (when given) as a replayable ``.npz`` under
-``reports/failures/`` (``python -m verify replay FILE``).
+``reports/failures/`` (``python -m flashcheck replay FILE``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 from hypothesis import event, target
 from hypothesis import strategies as st
 
-from verify.models import get_model
+from flashcheck.verify.models import get_model
 
 MODEL_NAMES = {
     "fp16": ("fa2", "upcast", "fa2+gpu", "upcast+gpu"),

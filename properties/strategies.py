@@ -8,7 +8,7 @@ Tensors are never drawn element by element. Hypothesis draws the *choices*
 (dtype, shape, magnitude class, mask kind, layout, block sizes) and a seed;
 NumPy's ``default_rng(seed)`` then fills the arrays. Shrinking therefore works
 on the choices and the seed, and large tensors cost nothing to draw. Every
-array is built in float64 and stored with `kernels.precision.from_float64`
+array is built in float64 and stored with `flashcheck.kernels.precision.from_float64`
 (one correct rounding), so its values are exactly those of the low-precision
 format the kernel sees.
 
@@ -33,8 +33,8 @@ from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 from hypothesis.strategies import SearchStrategy
 
-from kernels.precision import FORMATS, format_of, from_float64, round_to, to_float64
-from verify.case import LAYOUTS, Case
+from flashcheck.kernels.precision import FORMATS, format_of, from_float64, round_to, to_float64
+from flashcheck.verify.case import LAYOUTS, Case
 
 __all__ = [
     "FP32_EXP_OVERFLOW",
@@ -472,7 +472,7 @@ def dtypes(*, allowed=("fp16", "bf16", "fp32")) -> SearchStrategy[str]:
 
 
 def layouts(*, allowed=LAYOUTS) -> SearchStrategy[str]:
-    """Memory layouts of `verify.case.LAYOUTS`: "contiguous", "bnhd", "strided"."""
+    """Memory layouts of `flashcheck.verify.case.LAYOUTS`: "contiguous", "bnhd", "strided"."""
     return _labelled(_check_choices("layout", allowed, LAYOUTS), "layout")
 
 
@@ -805,7 +805,7 @@ def _make_nan_inf(rng, shape, fmt, s):
 
 def _internal(ok, message):
     if not ok:
-        raise RuntimeError(f"internal error in properties.strategies: {message}")
+        raise RuntimeError(f"internal error in flashcheck.properties.strategies: {message}")
 
 
 _MAKERS = {
@@ -1005,7 +1005,7 @@ def cases(
     with_grad: bool = False,
     allow_nonfinite: bool = False,
 ) -> SearchStrategy[Case]:
-    """Whole `verify.case.Case` objects: dtype, shape, magnitude class,
+    """Whole `flashcheck.verify.case.Case` objects: dtype, shape, magnitude class,
     scale, mask, layout, and optionally block sizes and an output gradient.
 
     ``dtypes``, ``magnitudes``, ``masks``, ``layouts`` are sequences of
@@ -1090,7 +1090,7 @@ def _logit_rows(draw, fmt, kinds, max_rows, max_cols):
 
 def logit_rows(fmt="fp32", *, classes=None, max_rows: int = 8, max_cols: int = 64):
     """2-D float64 arrays of logits (rows = queries), every value exactly
-    representable in ``fmt`` (any format of `kernels.precision.FORMATS`,
+    representable in ``fmt`` (any format of `flashcheck.kernels.precision.FORMATS`,
     tf32 included), for softmax-only properties.
 
     Classes (`LOGIT_CLASSES`): "normal"; "large-offset" (|offset| in

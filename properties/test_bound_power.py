@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from hypothesis import find, settings
 
-from kernels import numpy_attention as na
-from properties import strategies as fs
-from verify import oracle
-from verify.bounds import attention_bound
-from verify.models import get_model
+from flashcheck.kernels import numpy_attention as na
+from flashcheck.properties import strategies as fs
+from flashcheck.verify import oracle
+from flashcheck.verify.bounds import attention_bound
+from flashcheck.verify.models import get_model
 
 pytestmark = pytest.mark.fuzz
 

@@ -12,12 +12,12 @@ import pytest  # noqa: E402
 from hypothesis import event, given, target  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from kernels import triton_flash  # noqa: E402
-from kernels.precision import to_float64  # noqa: E402
-from properties import strategies as fs  # noqa: E402
-from properties._support import ratio_of, save_failure  # noqa: E402
-from verify import oracle  # noqa: E402
-from verify.grad_bounds import gradient_bound  # noqa: E402
+from flashcheck.kernels import triton_flash  # noqa: E402
+from flashcheck.kernels.precision import to_float64  # noqa: E402
+from flashcheck.properties import strategies as fs  # noqa: E402
+from flashcheck.properties._support import ratio_of, save_failure  # noqa: E402
+from flashcheck.verify import oracle  # noqa: E402
+from flashcheck.verify.grad_bounds import gradient_bound  # noqa: E402
 
 INTERPRETED = triton_flash.is_interpreted()
 NO_NAN = [m for m in fs.MAGNITUDES if m != "nan-inf"]

@@ -1,8 +1,8 @@
 """torch's scaled_dot_product_attention backends against the oracle, each
-judged by the model its target declares (`verify.targets`): on a GPU the
+judged by the model its target declares (`flashcheck.verify.targets`): on a GPU the
 ``+gpu`` variant of ``fa2`` / ``fp32-ieee``. A backend that does not support
 a case (it raises "No available kernel") is recorded as an event, not a
-failure. Each backend runs in a child process (`verify.isolation`): on the
+failure. Each backend runs in a child process (`flashcheck.verify.isolation`): on the
 H100 one of them hit "CUDA error: misaligned address", which poisons the
 CUDA context of the process that ran it."""
 
@@ -11,12 +11,12 @@ import pytest
 from hypothesis import event, given, target
 from hypothesis import strategies as st
 
-from properties import strategies as fs
-from properties._support import save_failure
-from verify import oracle
-from verify.check import judge
-from verify.isolation import IsolatedTarget, TargetCrash
-from verify.targets import resolve_target
+from flashcheck.properties import strategies as fs
+from flashcheck.properties._support import save_failure
+from flashcheck.verify import oracle
+from flashcheck.verify.check import judge
+from flashcheck.verify.isolation import IsolatedTarget, TargetCrash
+from flashcheck.verify.targets import resolve_target
 
 NO_NAN = [m for m in fs.MAGNITUDES if m != "nan-inf"]
 GPU_SIZES = dict(max_seq=2048, max_scores=2**20, max_batch=2, max_heads=8)

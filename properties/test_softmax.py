@@ -5,12 +5,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kernels.numpy_attention import softmax_3pass, softmax_online
-from kernels.precision import round_to
-from properties import strategies as fs
-from properties._support import assert_within, models
-from verify import oracle
-from verify.bounds import softmax_bound
+from flashcheck.kernels.numpy_attention import softmax_3pass, softmax_online
+from flashcheck.kernels.precision import round_to
+from flashcheck.properties import strategies as fs
+from flashcheck.properties._support import assert_within, models
+from flashcheck.verify import oracle
+from flashcheck.verify.bounds import softmax_bound
 
 pytestmark = pytest.mark.fuzz
 

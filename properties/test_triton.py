@@ -1,5 +1,5 @@
 """Properties 7 and 8 for the Triton kernel: it matches the oracle within the
-bound of the precision model it declares (`kernels.triton_flash.precision_model`),
+bound of the precision model it declares (`flashcheck.kernels.triton_flash.precision_model`),
 and it follows SDPA's semantics (fully masked rows give 0 and LSE -inf, a
 NaN reaches exactly the rows that read it, finite inputs give finite output).
 
@@ -18,10 +18,10 @@ import pytest  # noqa: E402
 from hypothesis import event, example, given  # noqa: E402
 from hypothesis import strategies as st
 
-from kernels import triton_flash  # noqa: E402
-from properties import strategies as fs  # noqa: E402
-from verify.case import Case  # noqa: E402
-from verify.check import judge  # noqa: E402
+from flashcheck.kernels import triton_flash  # noqa: E402
+from flashcheck.properties import strategies as fs  # noqa: E402
+from flashcheck.verify.case import Case  # noqa: E402
+from flashcheck.verify.check import judge  # noqa: E402
 
 REGRESSIONS = Path(__file__).parent / "regressions"
 
@@ -56,7 +56,7 @@ def _check(case, device, allow_tf32):
         if verdict.ratio > 0.1:
             event("error/bound > 0.1")
     if verdict.verdict != "pass":
-        from properties._support import save_failure
+        from flashcheck.properties._support import save_failure
 
         saved = save_failure(case, f"triton-{device}")
         raise AssertionError(f"{verdict.reason} (case saved to {saved})")

@@ -1,9 +1,9 @@
 """Report layer: JSONL rows, summaries, the HTML page and run diffs."""
 
-from reports.diff import DiffResult, diff_runs, main_diff
-from reports.html import write_html
-from reports.records import CaseWriter, read_cases
-from reports.summary import read_summary, summarize, write_summary
+from flashcheck.reports.diff import DiffResult, diff_runs, main_diff
+from flashcheck.reports.html import write_html
+from flashcheck.reports.records import CaseWriter, read_cases
+from flashcheck.reports.summary import read_summary, summarize, write_summary
 
 __all__ = [
     "CaseWriter",

@@ -33,8 +33,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from reports.records import CASES_FILE, SUMMARY_FILE, read_cases
-from reports.summary import read_summary, summarize, validate_rows
+from flashcheck.reports.records import CASES_FILE, SUMMARY_FILE, read_cases
+from flashcheck.reports.summary import read_summary, summarize, validate_rows
 
 __all__ = ["MEDIAN_FACTOR", "MEDIAN_FLOOR", "DiffResult", "GroupShift", "diff_runs", "load_run", "main_diff"]
 
@@ -124,7 +124,7 @@ def load_run(source) -> tuple[list[dict] | None, dict]:
     """(rows or None, summary) of one side of a diff; see the module doc."""
     if isinstance(source, dict):
         if "groups" not in source or "totals" not in source:
-            raise ValueError("a summary dict needs 'groups' and 'totals' (from reports.summary.summarize)")
+            raise ValueError("a summary dict needs 'groups' and 'totals' (from flashcheck.reports.summary.summarize)")
         return None, source
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)

@@ -23,8 +23,8 @@ import urllib.parse
 from datetime import datetime, timezone
 from pathlib import Path
 
-from reports.records import HTML_FILE, REPRO_DIR
-from reports.summary import case_classes, case_shape, effective_ratio, summarize, validate_rows, worst_rows
+from flashcheck.reports.records import HTML_FILE, REPRO_DIR
+from flashcheck.reports.summary import case_classes, case_shape, effective_ratio, summarize, validate_rows, worst_rows
 
 __all__ = ["MAX_FAILURE_ROWS", "WORST_ROWS", "render_html", "write_html"]
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from reports.records import SUMMARY_FILE, dumps, loads
+from flashcheck.reports.records import SUMMARY_FILE, dumps, loads
 
 __all__ = [
     "CLASS_KEYS",
@@ -240,7 +240,7 @@ def read_summary(path) -> dict:
         raise FileNotFoundError(f"no summary at {path}")
     summary = loads(path.read_text(encoding="utf-8"))
     if not isinstance(summary, dict) or "groups" not in summary or "totals" not in summary:
-        raise ValueError(f"{path} is not a summary written by reports.summary.write_summary")
+        raise ValueError(f"{path} is not a summary written by flashcheck.reports.summary.write_summary")
     return summary
 
 

@@ -17,12 +17,12 @@ from collections import defaultdict
 import numpy as np
 from hypothesis import HealthCheck, Phase, given, seed, settings, target
 
-from kernels import numpy_attention as na
-from properties import strategies as fs
-from properties._support import MODEL_NAMES, ratio_of
-from verify import oracle
-from verify.bounds import attention_bound
-from verify.models import get_model
+from flashcheck.kernels import numpy_attention as na
+from flashcheck.properties import strategies as fs
+from flashcheck.properties._support import MODEL_NAMES, ratio_of
+from flashcheck.verify import oracle
+from flashcheck.verify.bounds import attention_bound
+from flashcheck.verify.models import get_model
 
 
 def run(dtype: str, name: str, examples: int, seed_value: int) -> list:

@@ -15,7 +15,7 @@ D=128 (non-causal, scale 1/sqrt(D)) is our choice.
 The reference is float64 attention computed with torch on the *same*
 quantized inputs the kernels receive, so the RMSE measures the kernels'
 arithmetic only; it is validated on one head against the certified
-`verify.oracle.attention`.
+`flashcheck.verify.oracle.attention`.
 
     python scripts/fa3_rmse.py --out reports/fa3             # GPU, full size
     python scripts/fa3_rmse.py --device cpu --small --out /tmp/fa3   # quick CPU check
@@ -91,7 +91,7 @@ def _sdpa(backend: str):
 
 
 def _triton(q, k, v, scale):
-    from kernels.triton_flash import attention
+    from flashcheck.kernels.triton_flash import attention
 
     return attention(q, k, v, scale=scale)
 
@@ -110,7 +110,7 @@ def check_reference(q, k, v, ref, scale: float) -> dict:
     """Compare the torch float64 reference of head (0, 0) with the oracle."""
     import numpy as np
 
-    from verify.oracle import attention
+    from flashcheck.verify.oracle import attention
 
     to_np = [t[:1, :1].detach().cpu() for t in (q, k, v)]  # the oracle reads bf16 tensors exactly
     res = attention(*to_np, scale=scale)

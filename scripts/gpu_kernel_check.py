@@ -26,7 +26,7 @@ import test_triton_flash as T  # noqa: E402
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from kernels import bench_kernel, triton_flash  # noqa: E402
+from flashcheck.kernels import bench_kernel, triton_flash  # noqa: E402
 
 CHECKS = [
     # (dtype, tf32, B, H, Hkv, Nq, Nk, D, causal, mask, layout)

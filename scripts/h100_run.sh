@@ -26,7 +26,7 @@ done
 campaign() {  # name, extra fuzz options...
   local name=$1; shift
   rm -rf "reports/$name"
-  timeout "${CAMPAIGN_TIMEOUT:-200}" python3 -m verify fuzz --target triton --target sdpa-flash \
+  timeout "${CAMPAIGN_TIMEOUT:-200}" python3 -m flashcheck fuzz --target triton --target sdpa-flash \
     --target sdpa-efficient --target sdpa-cudnn --target sdpa-math --device cuda \
     --budget "${CAMPAIGN_BUDGET:-150}" --max-examples 1000 --no-progress --out "reports/$name" "$@" \
     > "$OUT/$name.log" 2>&1

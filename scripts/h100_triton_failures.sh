@@ -13,6 +13,6 @@ echo "property exit: $?"
 mkdir -p "$OUT/smallest"
 for f in $(ls -S -r reports/failures/*.npz 2>/dev/null | head -3); do
   cp "$f" "$OUT/smallest/"
-  PYTHONPATH=".:$PYTHONPATH" timeout 60 python3 -m verify replay "$f" --target triton --device cuda 2>&1 \
+  PYTHONPATH=".:$PYTHONPATH" timeout 60 python3 -m flashcheck replay "$f" --target triton --device cuda 2>&1 \
     | grep -v Warning | head -12
 done

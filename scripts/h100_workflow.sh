@@ -24,7 +24,7 @@ echo "props exit: $?" | tee "$OUT/steps.txt"
 grep -E "passed|failed" "$OUT/props.log" | tail -2
 # step "Fuzz campaign"
 # shellcheck disable=SC2086
-timeout "${FUZZ_TIMEOUT:-200}" python3 -m tox exec $TOX_GPU -- python -m verify.scaleout run --gpus "$NGPU" -- \
+timeout "${FUZZ_TIMEOUT:-200}" python3 -m tox exec $TOX_GPU -- python -m flashcheck.verify.scaleout run --gpus "$NGPU" -- \
   --target triton --target sdpa-flash --target sdpa-efficient --target sdpa-cudnn --target sdpa-math \
   --device cuda --budget "${BUDGET:-1800}" --seed "$SEED" --no-progress --out "$REPORT_DIR" > "$OUT/fuzz.log" 2>&1
 echo "fuzz exit: $?" | tee -a "$OUT/steps.txt"
@@ -32,7 +32,7 @@ tail -3 "$OUT/fuzz.log"
 # step "Compare with last night"
 mkdir -p previous && cp "${PREVIOUS:?}" previous/summary.json
 # shellcheck disable=SC2086
-python3 -m tox exec $TOX_GPU -- python -m verify diff previous/summary.json "$REPORT_DIR/summary.json" \
+python3 -m tox exec $TOX_GPU -- python -m flashcheck diff previous/summary.json "$REPORT_DIR/summary.json" \
   | tee "$REPORT_DIR/diff.txt"
 echo "diff exit: ${PIPESTATUS[0]}" | tee -a "$OUT/steps.txt"
 cp "$REPORT_DIR/summary.json" "$REPORT_DIR/index.html" "$REPORT_DIR/diff.txt" "$OUT/" 2>/dev/null

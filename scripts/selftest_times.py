@@ -11,9 +11,9 @@ import argparse
 import tempfile
 import time
 
-from reports import records
-from verify.campaign import CampaignConfig, run_campaign
-from verify.planted import BROKEN, CORRECT
+from flashcheck.reports import records
+from flashcheck.verify.campaign import CampaignConfig, run_campaign
+from flashcheck.verify.planted import BROKEN, CORRECT
 
 
 def main():
@@ -29,7 +29,7 @@ def main():
         return original(self, row)
 
     records.CaseWriter.write = write
-    targets = [f"verify.planted:{n}" for n in (*BROKEN, *CORRECT)]
+    targets = [f"flashcheck.verify.planted:{n}" for n in (*BROKEN, *CORRECT)]
     start = time.monotonic()
     with tempfile.TemporaryDirectory() as out:
         result = run_campaign(CampaignConfig(targets=targets, max_examples=args.examples, seed=args.seed,

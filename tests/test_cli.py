@@ -1,12 +1,13 @@
-"""`python -m verify`: exit codes, outputs, replay and diff, as a user runs them."""
+"""`python -m flashcheck`: exit codes, outputs, replay and diff, as a user runs them."""
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from verify.cli import main
+from flashcheck.verify.cli import main
 
 
 def _fuzz(tmp_path, *targets, extra=()):
@@ -19,7 +20,7 @@ def _fuzz(tmp_path, *targets, extra=()):
 @pytest.mark.parametrize("argv, message", [
     (["fuzz", "--target", "no-such-target"], "unknown target"),
     (["fuzz", "--target", "no_such_module_xyz:fn"], "cannot import"),
-    (["fuzz", "--target", "verify.planted:nothing_here"], "no attribute"),
+    (["fuzz", "--target", "flashcheck.verify.planted:nothing_here"], "no attribute"),
     (["fuzz", "--target", "numpy-tiled", "--dtype", "fp8"], "--dtype"),
     (["fuzz", "--target", "numpy-tiled", "--shard", "3/2"], "shard"),
     (["fuzz", "--target", "numpy-tiled", "--model", "fa9"], "--model"),
@@ -34,21 +35,21 @@ def test_usage_errors_exit_2_with_a_message(argv, message, capsys):
 
 
 def test_fuzz_exit_0_on_correct_target_and_writes_outputs(tmp_path):
-    assert _fuzz(tmp_path, "numpy-tiled", "verify.planted:correct_tiled") == 0
+    assert _fuzz(tmp_path, "numpy-tiled", "flashcheck.verify.planted:correct_tiled") == 0
     rows = [json.loads(line) for line in (tmp_path / "cases.jsonl").read_text().splitlines()]
-    assert {r["target"] for r in rows} == {"numpy-tiled", "verify.planted:correct_tiled"}
+    assert {r["target"] for r in rows} == {"numpy-tiled", "flashcheck.verify.planted:correct_tiled"}
     # identical cases for both targets
     ids = {}
     for r in rows:
         ids.setdefault(r["target"], []).append(r["case_id"])
-    assert ids["numpy-tiled"] == ids["verify.planted:correct_tiled"]
+    assert ids["numpy-tiled"] == ids["flashcheck.verify.planted:correct_tiled"]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["totals"]["failures"] == 0
     assert "<img" in (tmp_path / "index.html").read_text()
 
 
 def test_fuzz_exit_1_on_broken_target_and_replay_reproduces(tmp_path, capsys):
-    assert _fuzz(tmp_path, "verify.planted:missing_rescale", extra=["--max-examples", "12"]) == 1
+    assert _fuzz(tmp_path, "flashcheck.verify.planted:missing_rescale", extra=["--max-examples", "12"]) == 1
     repros = sorted((tmp_path / "repro").glob("*.npz"))
     assert repros
     capsys.readouterr()
@@ -68,8 +69,8 @@ def test_same_seed_same_cases_and_verdicts(tmp_path):
 
 def test_diff_exit_codes(tmp_path):
     ok, bad = tmp_path / "ok", tmp_path / "bad"
-    _fuzz(ok, "verify.planted:correct_tiled")
-    _fuzz(bad, "verify.planted:correct_tiled")
+    _fuzz(ok, "flashcheck.verify.planted:correct_tiled")
+    _fuzz(bad, "flashcheck.verify.planted:correct_tiled")
     assert main(["diff", str(ok), str(bad)]) == 0
     # The same target name failing on the same cases is a regression.
     rows = [json.loads(x) for x in (bad / "cases.jsonl").read_text().splitlines()]
@@ -79,8 +80,14 @@ def test_diff_exit_codes(tmp_path):
     assert main(["diff", str(ok), str(bad)]) == 1
 
 
-def test_module_entry_point_runs():
-    proc = subprocess.run([sys.executable, "-m", "verify", "--help"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0
+@pytest.mark.parametrize("argv", [
+    [sys.executable, "-m", "flashcheck"],
+    [sys.executable, "-m", "flashcheck.verify"],
+    [str(Path(sys.executable).with_name("flashcheck"))],
+], ids=["python -m flashcheck", "python -m flashcheck.verify", "console script"])
+def test_entry_points_run(argv, tmp_path):
+    # From a directory outside the checkout: the installed package, not the source folders.
+    proc = subprocess.run([*argv, "--help"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
     for command in ("fuzz", "replay", "diff", "bench"):
         assert command in proc.stdout

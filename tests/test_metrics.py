@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.precision import FORMATS, round_to
-from verify import oracle
-from verify.metrics import (
+from flashcheck.kernels.precision import FORMATS, round_to
+from flashcheck.verify import oracle
+from flashcheck.verify.metrics import (
     ROW_FLOOR_FRACTION,
     Metrics,
     baseline_ratio,

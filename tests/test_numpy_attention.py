@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.numpy_attention import (
+from flashcheck.kernels.numpy_attention import (
     State,
     attention_1pass,
     empty_state,
@@ -23,7 +23,7 @@ from kernels.numpy_attention import (
     split_kv_attention,
     tiled_attention,
 )
-from kernels.precision import PrecisionModel, round_to
+from flashcheck.kernels.precision import PrecisionModel, round_to
 
 # -- the direct reference ------------------------------------------------------
 

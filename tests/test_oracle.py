@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from verify import oracle
-from verify.case import Case
+from flashcheck.verify import oracle
+from flashcheck.verify.case import Case
 
 RNG_SEED = 1234
 
@@ -441,7 +441,7 @@ def test_gradients_match_autograd_and_mpmath(setup):
 def test_cli_bench_oracle_and_usage_errors(tmp_path, capsys):
     import json
 
-    from verify.cli import main
+    from flashcheck.verify.cli import main
 
     path = tmp_path / "bench.json"
     assert main(["bench", "oracle", "--size", "32x8", "--repeat", "1", "--json", str(path)]) == 0
@@ -457,7 +457,7 @@ def test_cli_bench_oracle_and_usage_errors(tmp_path, capsys):
 
 
 def test_bench_registry_rejects_duplicates():
-    from verify.bench import register_bench
+    from flashcheck.verify.bench import register_bench
 
     with pytest.raises(ValueError, match="already registered"):
         register_bench("oracle", "again")(lambda argv: 0)

@@ -1,4 +1,4 @@
-"""Tests of kernels.precision: correct rounding, formats and the precision model.
+"""Tests of flashcheck.kernels.precision: correct rounding, formats and the precision model.
 
 The rounding reference here is exact rational arithmetic (fractions), which
 shares no code with `round_to`.
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import precision
-from kernels.precision import (
+from flashcheck.kernels import precision
+from flashcheck.kernels.precision import (
     FORMATS,
     Format,
     PrecisionModel,

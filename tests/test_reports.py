@@ -6,11 +6,11 @@ import warnings
 import numpy as np
 import pytest
 
-from reports import records
-from reports.diff import diff_runs, main_diff
-from reports.html import render_html, write_html
-from reports.records import CaseWriter, dumps, loads, read_cases
-from reports.summary import read_summary, summarize, write_summary
+from flashcheck.reports import records
+from flashcheck.reports.diff import diff_runs, main_diff
+from flashcheck.reports.html import render_html, write_html
+from flashcheck.reports.records import CaseWriter, dumps, loads, read_cases
+from flashcheck.reports.summary import read_summary, summarize, write_summary
 
 
 def row(case_id, target="tri", dtype="fp16", verdict="pass", ratio=0.5, **extra):
@@ -111,9 +111,9 @@ def test_encoding_rejects_what_it_cannot_represent(tmp_path):
 
 
 def test_real_case_result_row_round_trips(tmp_path):
-    from verify.case import Case
-    from verify.check import CaseResult
-    from verify.metrics import compare
+    from flashcheck.verify.case import Case
+    from flashcheck.verify.check import CaseResult
+    from flashcheck.verify.metrics import compare
 
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal((1, 2, 4, 8)).astype(np.float16) for _ in range(3))

@@ -6,11 +6,11 @@ import warnings
 
 import pytest
 
-import verify.campaign as campaign
-from reports.records import read_cases
-from verify import scaleout
-from verify.campaign import CampaignConfig, run_campaign
-from verify.scaleout import gpu_for_worker, merge_shards, pin_worker_gpu, shard_commands
+import flashcheck.verify.campaign as campaign
+from flashcheck.reports.records import read_cases
+from flashcheck.verify import scaleout
+from flashcheck.verify.campaign import CampaignConfig, run_campaign
+from flashcheck.verify.scaleout import gpu_for_worker, merge_shards, pin_worker_gpu, shard_commands
 
 
 @pytest.mark.parametrize("n_gpus", [2, 4, 8])
@@ -104,7 +104,7 @@ def test_shard_commands_carry_shard_device_and_output():
     assert len(commands) == 4
     for i, (env, argv) in enumerate(commands):
         assert env == {"CUDA_VISIBLE_DEVICES": str(i)}
-        assert argv[:4] == ["py", "-m", "verify", "fuzz"]
+        assert argv[:4] == ["py", "-m", "flashcheck", "fuzz"]
         assert argv[argv.index("--shard") + 1] == f"{i}/4"
         assert argv.count("--out") == 1 and argv[argv.index("--out") + 1] == f"reports/nightly/shard-{i}"
         assert argv[argv.index("--seed") + 1] == "7"  # same seed everywhere: the shards split one stream

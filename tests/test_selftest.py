@@ -5,15 +5,15 @@ import time
 
 import pytest
 
-from verify.campaign import CampaignConfig, run_campaign
-from verify.planted import BROKEN, CORRECT, MISBEHAVING
+from flashcheck.verify.campaign import CampaignConfig, run_campaign
+from flashcheck.verify.planted import BROKEN, CORRECT, MISBEHAVING
 
 EXAMPLES = 40
 
 
 @pytest.fixture(scope="module")
 def planted_run(tmp_path_factory):
-    targets = [f"verify.planted:{name}" for name in (*BROKEN, *CORRECT)]
+    targets = [f"flashcheck.verify.planted:{name}" for name in (*BROKEN, *CORRECT)]
     out = tmp_path_factory.mktemp("selftest")
     start = time.perf_counter()
     result = run_campaign(CampaignConfig(targets=targets, max_examples=EXAMPLES, seed=0, isolate=False,
@@ -31,7 +31,7 @@ def _first_failure(rows, target):
 @pytest.mark.parametrize("bug", sorted(BROKEN))
 def test_every_planted_bug_is_caught(planted_run, bug):
     result, seconds, _ = planted_run
-    target = f"verify.planted:{bug}"
+    target = f"flashcheck.verify.planted:{bug}"
     row = _first_failure(result.rows, target)
     assert row is not None, f"{bug} ({BROKEN[bug]}) passed {EXAMPLES} cases"
     # How long it took to be caught: the campaign's time up to this case.
@@ -42,7 +42,7 @@ def test_every_planted_bug_is_caught(planted_run, bug):
 @pytest.mark.parametrize("name", CORRECT)
 def test_correct_implementations_pass(planted_run, name):
     result, _, _ = planted_run
-    rows = [r for r in result.rows if r["target"] == f"verify.planted:{name}"]
+    rows = [r for r in result.rows if r["target"] == f"flashcheck.verify.planted:{name}"]
     assert len(rows) >= EXAMPLES
     failures = [r["reason"] for r in rows if r["verdict"] == "fail"]
     assert not failures, failures[:3]
@@ -57,7 +57,7 @@ def test_campaign_writes_report_and_repro(planted_run):
 
 
 def test_misbehaving_targets_are_failures_not_crashes(tmp_path):
-    targets = [f"verify.planted:{name}" for name in MISBEHAVING] + ["verify.planted:correct_tiled"]
+    targets = [f"flashcheck.verify.planted:{name}" for name in (*MISBEHAVING, "correct_tiled")]
     result = run_campaign(CampaignConfig(targets=targets, max_examples=2, seed=1, isolate=True, timeout=4,
                                          progress=False, out=tmp_path, dtypes=("fp16",)))
     by_target = {}

@@ -10,9 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
-from kernels.precision import FORMATS, format_of, from_float64, round_to, to_float64
-from properties import strategies as S
-from verify.case import LAYOUTS, Case
+from flashcheck.kernels.precision import FORMATS, format_of, from_float64, round_to, to_float64
+from flashcheck.properties import strategies as S
+from flashcheck.verify.case import LAYOUTS, Case
 
 _BASE = settings(deadline=None, database=None, suppress_health_check=list(HealthCheck))
 

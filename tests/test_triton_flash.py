@@ -29,8 +29,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from kernels.precision import FORMATS  # noqa: E402
-from kernels.triton_flash import (  # noqa: E402
+from flashcheck.kernels.precision import FORMATS  # noqa: E402
+from flashcheck.kernels.triton_flash import (  # noqa: E402
     attention,
     default_blocks,
     is_interpreted,
@@ -423,7 +423,7 @@ def test_bf16_output_rounds_to_nearest_even_on_cpu():
     # rounding to bf16. Ties to even differ from the interpreter's truncation.
     import numpy as np
 
-    from kernels.precision import round_to
+    from flashcheck.kernels.precision import round_to
 
     q = torch.zeros((1, 1, 1, 64), dtype=torch.bfloat16)
     v = torch.randn((1, 1, 2, 64), generator=torch.Generator().manual_seed(3)).bfloat16()

@@ -15,7 +15,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from kernels.precision import round_to  # noqa: E402
+from flashcheck.kernels.precision import round_to  # noqa: E402
 
 
 @triton.jit
@@ -172,7 +172,7 @@ def test_interpreter_mangles_bf16_subnormals():
 
 
 def test_kernel_keeps_bf16_subnormals_on_cpu():
-    from kernels.triton_flash import attention
+    from flashcheck.kernels.triton_flash import attention
 
     v = torch.tensor(BF16_SUBNORMALS, dtype=torch.bfloat16).reshape(1, 1, 4, 1)
     q = torch.zeros(1, 1, 4, 1, dtype=torch.bfloat16)

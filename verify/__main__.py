@@ -1,7 +1,8 @@
-"""``python -m verify``: see `verify.cli`."""
+"""``python -m flashcheck.verify`` (and ``python -m verify`` from a source
+checkout): the same command line as ``python -m flashcheck``."""
 
 import sys
 
-from verify.cli import main
+from flashcheck.verify.cli import main
 
 sys.exit(main())

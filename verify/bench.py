@@ -1,4 +1,4 @@
-"""Benchmarks run by ``python -m verify bench NAME``, and their registry.
+"""Benchmarks run by ``python -m flashcheck bench NAME``, and their registry.
 
 A benchmark is a function ``fn(argv: list[str]) -> int`` (its own options
 parsed from ``argv``; return an exit status) registered under a name:
@@ -41,7 +41,7 @@ BENCHES: dict[str, Bench] = {}
 
 
 def register_bench(name: str, help: str):
-    """Decorator: register ``fn(argv) -> int`` as ``python -m verify bench name``."""
+    """Decorator: register ``fn(argv) -> int`` as ``python -m flashcheck bench name``."""
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"bench name must be an identifier-like string, got {name!r}")
     if name in BENCHES:
@@ -97,7 +97,7 @@ def oracle_timings(N: int, D: int, *, repeat: int = 3, mp_budget_s: float = 60.0
     tenth of the budget, extrapolated linearly in the number of rows (every
     row costs the same: N exps and N x D exact products).
     """
-    from verify import oracle
+    from flashcheck.verify import oracle
 
     for name, value in (("N", N), ("D", D), ("repeat", repeat)):
         if not isinstance(value, int) or value < 1:
@@ -168,7 +168,7 @@ def _size(text: str) -> tuple[int, int]:
 @register_bench("oracle", "cost of the certified oracle next to plain float64 and mpmath")
 def bench_oracle(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m verify bench oracle",
+        prog="python -m flashcheck bench oracle",
         description="Time the certified oracle (mode auto), plain float64 NumPy attention and the "
                     "all-mpmath oracle on one head of standard-normal fp16 inputs.")
     parser.add_argument("--size", type=_size, action="append", metavar="NxD",

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kernels.precision import FORMATS, PrecisionModel
+from flashcheck.kernels.precision import FORMATS, PrecisionModel
 
 __all__ = ["Bound", "attention_bound", "dot_error", "gamma", "rescale_counts", "softmax_bound"]
 

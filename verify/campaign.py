@@ -1,13 +1,13 @@
 """The fuzz campaign: many generated cases, several targets, one report.
 
-Cases come from the property strategies (`properties.strategies.cases`:
+Cases come from the property strategies (`flashcheck.properties.strategies.cases`:
 every magnitude class, mask kind, layout and shape class) driven by
 Hypothesis with targeted search: each case reports its worst error/bound
 ratio per target through `hypothesis.target`, so generation drifts toward
 the cases closest to failing. Every target runs on the identical case, so
 targets compare side by side. Each (case, target) row is appended to
 ``cases.jsonl`` as soon as it is judged; failing cases are saved under
-``repro/`` for `python -m verify replay`.
+``repro/`` for `python -m flashcheck replay`.
 
 With ``max_examples`` and no time budget, the same seed and options give the
 same cases and verdicts.
@@ -27,10 +27,10 @@ from hypothesis import strategies as st
 from hypothesis import target as hypothesis_target
 from hypothesis.errors import Flaky
 
-from verify import oracle as _oracle
-from verify.check import CaseResult, baseline_error, run_case
-from verify.isolation import IsolatedTarget
-from verify.targets import resolve_target
+from flashcheck.verify import oracle as _oracle
+from flashcheck.verify.check import CaseResult, baseline_error, run_case
+from flashcheck.verify.isolation import IsolatedTarget
+from flashcheck.verify.targets import resolve_target
 
 __all__ = ["CampaignConfig", "ConfigError", "CampaignResult", "run_campaign", "save_repro"]
 
@@ -140,11 +140,11 @@ def _meta(cfg: CampaignConfig) -> dict:
 def run_campaign(cfg: CampaignConfig) -> CampaignResult:
     """Run the campaign described by ``cfg``; write the report; return totals.
 
-    Raises `verify.targets.TargetError` (a usage error) for a target that
+    Raises `flashcheck.verify.targets.TargetError` (a usage error) for a target that
     cannot be resolved, before anything runs.
     """
-    from properties.strategies import cases as case_strategy
-    from reports.records import CaseWriter
+    from flashcheck.properties.strategies import cases as case_strategy
+    from flashcheck.reports.records import CaseWriter
 
     targets = [resolve_target(name, cfg.model) for name in cfg.targets]
     runners = [IsolatedTarget(t, timeout=cfg.timeout) if cfg.isolate else t for t in targets]
@@ -224,8 +224,8 @@ def run_campaign(cfg: CampaignConfig) -> CampaignResult:
 
 
 def write_reports(rows: list, out: Path, meta: dict) -> None:
-    from reports.html import write_html
-    from reports.summary import write_summary
+    from flashcheck.reports.html import write_html
+    from flashcheck.reports.summary import write_summary
 
     out = Path(out)
     write_summary(rows, out / "summary.json")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kernels.precision import format_of
+from flashcheck.kernels.precision import format_of
 
 __all__ = ["LAYOUTS", "Case"]
 

@@ -1,9 +1,9 @@
-"""Command line of the harness: ``python -m verify COMMAND ...``.
+"""Command line of the harness: ``python -m flashcheck COMMAND ...``.
 
 Each subcommand is a pair of functions registered with `register_command`:
 ``setup(parser)`` adds its arguments, ``run(args) -> int`` does the work.
 To add ``fuzz``, ``replay`` or ``diff``, register them from this module
-(below ``bench``). Benchmarks themselves live in the `verify.bench`
+(below ``bench``). Benchmarks themselves live in the `flashcheck.verify.bench`
 registry; ``bench`` lists whatever is registered there.
 
 Exit status: 0 success, 1 a run that found a problem, 2 a usage error.
@@ -30,8 +30,8 @@ class Command:
 COMMANDS: dict[str, Command] = {}
 
 #: Modules imported before ``bench`` lists its choices; each registers its
-#: benchmarks with `verify.bench.register_bench` when imported.
-BENCH_MODULES = ["verify.bench", "kernels.bench_kernel"]
+#: benchmarks with `flashcheck.verify.bench.register_bench` when imported.
+BENCH_MODULES = ["flashcheck.verify.bench", "flashcheck.kernels.bench_kernel"]
 
 
 def register_command(name: str, help: str, setup, run) -> None:
@@ -47,7 +47,7 @@ def _bench_registry() -> dict:
 
     for module in BENCH_MODULES:
         importlib.import_module(module)
-    from verify.bench import BENCHES
+    from flashcheck.verify.bench import BENCHES
 
     return BENCHES
 
@@ -74,7 +74,7 @@ class UsageError(Exception):
 
 
 def _dtypes(text: str) -> tuple:
-    from kernels.precision import format_of
+    from flashcheck.kernels.precision import format_of
 
     names = []
     for part in text.split(","):
@@ -96,7 +96,7 @@ def _dtypes(text: str) -> tuple:
 def _names(text, what, table):
     if text is None:
         return None
-    from properties import strategies
+    from flashcheck.properties import strategies
 
     known = getattr(strategies, table)
     names = tuple(n.strip() for n in text.split(",") if n.strip())
@@ -134,15 +134,15 @@ def setup_fuzz(parser: argparse.ArgumentParser) -> None:
 
 
 def run_fuzz(args: argparse.Namespace) -> int:
-    from verify.campaign import CampaignConfig, ConfigError, run_campaign
-    from verify.targets import TargetError
+    from flashcheck.verify.campaign import CampaignConfig, ConfigError, run_campaign
+    from flashcheck.verify.targets import TargetError
 
     try:
         index, count = (int(x) for x in args.shard.split("/"))
     except ValueError:
         raise UsageError(f"--shard must look like I/N, got {args.shard!r}") from None
     if args.model is not None:
-        from verify.models import get_model
+        from flashcheck.verify.models import get_model
 
         base = args.model.partition("+")[0]
         try:
@@ -186,10 +186,10 @@ def run_replay(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from verify.case import Case
-    from verify.check import run_case
-    from verify.models import MODEL_NAMES
-    from verify.targets import TargetError, resolve_target
+    from flashcheck.verify.case import Case
+    from flashcheck.verify.check import run_case
+    from flashcheck.verify.models import MODEL_NAMES
+    from flashcheck.verify.targets import TargetError, resolve_target
 
     path = Path(args.file)
     if not path.is_file():
@@ -235,7 +235,7 @@ def setup_diff(parser: argparse.ArgumentParser) -> None:
 
 
 def run_diff(args: argparse.Namespace) -> int:
-    from reports.diff import main_diff
+    from flashcheck.reports.diff import main_diff
 
     code = main_diff(args.old, args.new)
     return code
@@ -247,7 +247,7 @@ register_command("diff", "compare two runs; exit 1 on a regression", setup_diff,
 # -- entry point --------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m verify",
+    parser = argparse.ArgumentParser(prog="flashcheck",
                                      description="Numerics verification harness for fused attention.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -267,5 +267,10 @@ def main(argv=None) -> int:
     except SystemExit as exc:  # argparse's usage errors (2) and --help (0)
         return exc.code if isinstance(exc.code, int) else 2
     except UsageError as exc:
-        print(f"python -m verify: error: {exc}", file=sys.stderr)
+        print(f"flashcheck: error: {exc}", file=sys.stderr)
         return 2
+
+
+def console_main() -> None:
+    """The ``flashcheck`` console script."""
+    sys.exit(main())

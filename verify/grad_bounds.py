@@ -3,7 +3,7 @@ precision model.
 
 `gradient_bound` bounds |dX_target - dX_exact| (X = Q, K, V) for a kernel
 that computes the FlashAttention-2 backward the way its `PrecisionModel`
-says (the contract of `kernels.numpy_backward`; the Triton kernel's
+says (the contract of `flashcheck.kernels.numpy_backward`; the Triton kernel's
 backward follows it). The derivation, its assumptions and references are in
 docs/error-bounds-backward.md; the step numbers (B1 ...) refer to it.
 
@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kernels.precision import FORMATS, PrecisionModel
-from verify.bounds import (
+from flashcheck.kernels.precision import FORMATS, PrecisionModel
+from flashcheck.verify.bounds import (
     _TF32_TRUNC_U,
     _half_subnormal,
     _p_times_expm1,
@@ -71,7 +71,7 @@ def _as_float64(x, name, shape):
     if x is None:
         return None
     if hasattr(x, "detach"):
-        from kernels.precision import to_float64
+        from flashcheck.kernels.precision import to_float64
 
         x = to_float64(x)
     if not isinstance(x, np.ndarray):
@@ -94,12 +94,12 @@ def gradient_bound(ref, model: PrecisionModel, *, dout, out_target=None, lse_tar
     ``lse_target`` (natural log) are what the target's forward saved: when
     given, their errors are measured a posteriori (|saved - oracle| + the
     oracle's certified error); otherwise the forward bound of
-    `verify.bounds.attention_bound` is used. ``attn_mask`` is the case's
+    `flashcheck.verify.bounds.attention_bound` is used. ``attn_mask`` is the case's
     mask (only an additive one matters).
 
     >>> import numpy as np
-    >>> from verify.oracle import attention
-    >>> from verify.models import get_model
+    >>> from flashcheck.verify.oracle import attention
+    >>> from flashcheck.verify.models import get_model
     >>> rng = np.random.default_rng(0)
     >>> q, k, v, do = (rng.standard_normal((1, 1, 4, 8)).astype(np.float16) for _ in range(4))
     >>> ref = attention(q, k, v, keep=True, dout=do)

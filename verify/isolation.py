@@ -1,6 +1,6 @@
 """Run a target in a child process, so that a hang or a crash is a verdict.
 
-`IsolatedTarget` wraps a `verify.targets.Target`: each call sends the case
+`IsolatedTarget` wraps a `flashcheck.verify.targets.Target`: each call sends the case
 to a long-lived worker process and waits at most ``timeout`` seconds. A
 worker that hangs is killed; one that dies (segfault, CUDA error, os._exit)
 is noticed; either way the call raises `TargetCrash` with the reason and
@@ -17,7 +17,7 @@ import traceback
 
 import numpy as np
 
-from verify.targets import Target, TargetOutput, resolve_target
+from flashcheck.verify.targets import Target, TargetOutput, resolve_target
 
 __all__ = ["IsolatedTarget", "TargetCrash"]
 

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from kernels.precision import format_of, round_to, to_float64
+from flashcheck.kernels.precision import format_of, round_to, to_float64
 
 __all__ = [
     "ROW_FLOOR_FRACTION",
@@ -148,7 +148,7 @@ def compare(target_out, ref, dtype, *, ref_err_bound=None, rel_floor=None) -> Me
     (0, 0.00048828125)
     """
     fmt = format_of(dtype)
-    from verify.oracle import AttentionResult
+    from flashcheck.verify.oracle import AttentionResult
 
     if isinstance(ref, AttentionResult):
         if ref_err_bound is None:
@@ -244,7 +244,7 @@ def naive_attention(q, k, v, *, attn_mask=None, is_causal=False, scale=None, ena
     float64 and rounded. Returns float64 values representable in ``dtype``
     (fully masked rows give 0).
     """
-    from verify.oracle import _prepare
+    from flashcheck.verify.oracle import _prepare
 
     pr = _prepare(q, k, v, attn_mask, is_causal, scale, enable_gqa, None)
     fmt = format_of(dtype if dtype is not None else getattr(q, "dtype", None))

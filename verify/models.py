@@ -1,6 +1,6 @@
 """Named precision models: how a kernel claims to compute.
 
-A target is judged against the bound derived from its model (`verify.bounds`).
+A target is judged against the bound derived from its model (`flashcheck.verify.bounds`).
 
 =============  ===============================================================
 name           what it says
@@ -30,7 +30,7 @@ the data, not from this figure).
 
 from __future__ import annotations
 
-from kernels.precision import PrecisionModel, format_of
+from flashcheck.kernels.precision import PrecisionModel, format_of
 
 __all__ = ["DIV_APPROX_REL_ERR", "EX2_APPROX_REL_ERR", "MODEL_NAMES", "default_model_name", "get_model"]
 

@@ -31,8 +31,8 @@ from fractions import Fraction
 import mpmath
 import numpy as np
 
-from kernels.precision import format_of, to_float64
-from verify._mp import dyadic_ints, mp_exp_weights, mp_row, ratio_to_float
+from flashcheck.kernels.precision import format_of, to_float64
+from flashcheck.verify._mp import dyadic_ints, mp_exp_weights, mp_row, ratio_to_float
 
 __all__ = [
     "DEFAULT_RTOL_TARGET",
@@ -562,12 +562,12 @@ def attention(q, k, v, *, attn_mask=None, is_causal=False, scale=None, enable_gq
 
 
 def attention_case(case, *, mode="auto", keep=False, with_grad=None, **options) -> AttentionResult:
-    """`attention` of a `verify.case.Case`; gradients when the case has
+    """`attention` of a `flashcheck.verify.case.Case`; gradients when the case has
     ``do`` (or when ``with_grad`` is True, which then requires it)."""
-    from verify.case import Case
+    from flashcheck.verify.case import Case
 
     if not isinstance(case, Case):
-        raise TypeError(f"attention_case needs a verify.case.Case, got {type(case).__name__}")
+        raise TypeError(f"attention_case needs a flashcheck.verify.case.Case, got {type(case).__name__}")
     if with_grad and case.do is None:
         raise ValueError("with_grad=True but the case has no output gradient 'do'")
     dout = case.do if with_grad is not False else None

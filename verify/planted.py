@@ -4,7 +4,7 @@ The harness tests itself on these: each broken one carries one classic
 flash-attention bug, and a campaign must flag every one of them while
 passing the correct ones. All take torch's ``scaled_dot_product_attention``
 arguments and return a tensor in the input dtype, so they are targets as
-``verify.planted:NAME``.
+``flashcheck.verify.planted:NAME``.
 
 They share one tiled forward pass, `_flash`, written the FlashAttention-2
 way (running max m, running sum l, unnormalised accumulator, fp32 state,
@@ -149,7 +149,7 @@ def correct_reference(query, key, value, attn_mask=None, dropout_p=0.0, is_causa
     """Correct: float64 attention rounded once to the input dtype."""
     if dropout_p:
         raise NotImplementedError("dropout is not modelled")
-    from verify.oracle import attention as oracle
+    from flashcheck.verify.oracle import attention as oracle
 
     res = oracle(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     return torch.from_numpy(res.out).to(query.dtype).to(query.device)

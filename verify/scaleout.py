@@ -8,7 +8,7 @@ Two kinds of work scale out:
   (`gpu_for_worker`, `pin_worker_gpu`);
 - a fuzz campaign: one shard per GPU (``--shard i/N``), each in its own
   process and output directory, merged afterwards into one report
-  (`shard_commands`, `merge_shards`, ``python -m verify.scaleout run``).
+  (`shard_commands`, `merge_shards`, ``python -m flashcheck.verify.scaleout run``).
 
 Nothing here imports torch: pinning must happen before CUDA starts, and
 CUDA reads ``CUDA_VISIBLE_DEVICES`` only once, when it initialises.
@@ -209,7 +209,7 @@ def _split_out(base_args: list[str]) -> tuple[list[str], str]:
 
 
 def shard_commands(n_gpus: int, base_args, *, devices=None, python: str | None = None) -> list[tuple[dict, list]]:
-    """One ``python -m verify fuzz`` command per GPU: shard i of n_gpus.
+    """One ``python -m flashcheck fuzz`` command per GPU: shard i of n_gpus.
 
     ``base_args`` are the fuzz options shared by every shard (``--target``,
     ``--seed``, ``--out DIR`` ...); they must not contain ``--shard``. Shard
@@ -222,7 +222,7 @@ def shard_commands(n_gpus: int, base_args, *, devices=None, python: str | None =
     >>> env
     {'CUDA_VISIBLE_DEVICES': '1'}
     >>> " ".join(argv)
-    'py -m verify fuzz --target triton --shard 1/2 --out r/shard-1'
+    'py -m flashcheck fuzz --target triton --shard 1/2 --out r/shard-1'
     """
     _check_count("n_gpus", n_gpus)
     if isinstance(base_args, str) or not all(isinstance(a, str) for a in base_args):
@@ -240,7 +240,7 @@ def shard_commands(n_gpus: int, base_args, *, devices=None, python: str | None =
     python = sys.executable if python is None else python
     commands = []
     for i in range(n_gpus):
-        argv = [python, "-m", "verify", "fuzz", *rest, "--shard", f"{i}/{n_gpus}",
+        argv = [python, "-m", "flashcheck", "fuzz", *rest, "--shard", f"{i}/{n_gpus}",
                 "--out", str(Path(out) / f"shard-{i}")]
         commands.append(({"CUDA_VISIBLE_DEVICES": devices[i]}, argv))
     return commands
@@ -254,8 +254,8 @@ def merge_shards(dirs, out, meta: dict | None = None) -> list[dict]:
     appears in two shards is an error (shards must partition the cases).
     Returns the merged rows.
     """
-    from reports.records import CASES_FILE, REPRO_DIR, CaseWriter, read_cases
-    from verify.campaign import write_reports
+    from flashcheck.reports.records import CASES_FILE, REPRO_DIR, CaseWriter, read_cases
+    from flashcheck.verify.campaign import write_reports
 
     if isinstance(dirs, (str, os.PathLike)):
         raise TypeError("dirs must be a list of shard directories, not one path")
@@ -315,15 +315,15 @@ def run_shards(n_gpus: int, fuzz_args, *, devices=None) -> int:
 
 
 def main(argv=None) -> int:
-    """``python -m verify.scaleout run --gpus N [--devices 2,5] -- FUZZ_ARGS``."""
-    parser = argparse.ArgumentParser(prog="python -m verify.scaleout",
+    """``python -m flashcheck.verify.scaleout run --gpus N [--devices 2,5] -- FUZZ_ARGS``."""
+    parser = argparse.ArgumentParser(prog="python -m flashcheck.verify.scaleout",
                                      description="Run a fuzz campaign as one shard per GPU and merge the reports.")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one campaign shard per GPU in parallel, then merge")
     run.add_argument("--gpus", type=int, default=None,
                      help="number of GPUs (default: CUDA_VISIBLE_DEVICES, else nvidia-smi)")
     run.add_argument("--devices", default=None, help="comma-separated CUDA device ids to use (default 0..N-1)")
-    run.add_argument("fuzz_args", nargs=argparse.REMAINDER, help="-- then the options of 'python -m verify fuzz'")
+    run.add_argument("fuzz_args", nargs=argparse.REMAINDER, help="-- then the options of 'python -m flashcheck fuzz'")
     merge = sub.add_parser("merge", help="merge existing shard directories")
     merge.add_argument("--out", required=True)
     merge.add_argument("dirs", nargs="+")
@@ -346,7 +346,7 @@ def main(argv=None) -> int:
             devices = devices[:n]
         return run_shards(n, fuzz_args, devices=devices)
     except (ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"python -m verify.scaleout: error: {exc}", file=sys.stderr)
+        print(f"python -m flashcheck.verify.scaleout: error: {exc}", file=sys.stderr)
         return 2
 
 

@@ -3,7 +3,7 @@
 A target takes a `Case` and returns the output (and, when it can, the
 log-sum-exp) as torch tensors. Built-in names:
 
-``triton``          the project's Triton kernel (`kernels.triton_flash`)
+``triton``          the project's Triton kernel (`flashcheck.kernels.triton_flash`)
 ``numpy-tiled``     the NumPy algebra under a chosen precision model
 ``sdpa-math``, ``sdpa-flash``, ``sdpa-efficient``, ``sdpa-cudnn``
                     torch's ``scaled_dot_product_attention`` with that backend forced
@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kernels.precision import PrecisionModel, format_of, from_float64
-from verify.case import Case
-from verify.models import default_model_name, get_model
+from flashcheck.kernels.precision import PrecisionModel, format_of, from_float64
+from flashcheck.verify.case import Case
+from flashcheck.verify.models import default_model_name, get_model
 
 __all__ = ["BUILTIN_TARGETS", "Target", "TargetError", "TargetOutput", "resolve_target"]
 
@@ -67,7 +67,7 @@ class Target:
 
 # -- built-ins ----------------------------------------------------------------
 def _run_triton(case: Case, device: str) -> TargetOutput:
-    from kernels import triton_flash
+    from flashcheck.kernels import triton_flash
 
     if case.v.shape[-1] != case.q.shape[-1]:
         raise NotImplementedError("the Triton kernel needs V's head dim equal to Q's")
@@ -81,7 +81,7 @@ def _run_triton(case: Case, device: str) -> TargetOutput:
 
 
 def _triton_model(dtype: str, device: str) -> PrecisionModel:
-    from kernels import triton_flash
+    from flashcheck.kernels import triton_flash
 
     return triton_flash.precision_model(dtype, device=device)
 
@@ -90,7 +90,7 @@ def _numpy_tiled(model_name: str | None):
     def run(case: Case, device: str) -> TargetOutput:
         import torch
 
-        from kernels.numpy_attention import tiled_attention
+        from flashcheck.kernels.numpy_attention import tiled_attention
 
         fmt = case.dtype
         if not all(np.isfinite(t.astype(np.float64)).all() for t in (case.q, case.k, case.v)):
