@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from flashcheck.kernels import triton_flash  # noqa: E402
 from flashcheck.properties import strategies as fs  # noqa: E402
-from flashcheck.verify.case import Case  # noqa: E402
+from flashcheck.properties.case import Case  # noqa: E402
 from flashcheck.verify.check import judge  # noqa: E402
 
 REGRESSIONS = Path(__file__).parent / "regressions"

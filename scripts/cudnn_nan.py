@@ -7,7 +7,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.functional import scaled_dot_product_attention as sdpa
 
-from flashcheck.verify.case import Case
+from flashcheck.properties.case import Case
 
 
 def nans(q, k, v, causal, gqa):

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from flashcheck.properties.case import Case
 from flashcheck.verify import oracle
-from flashcheck.verify.case import Case
 
 RNG_SEED = 1234
 

@@ -111,7 +111,7 @@ def test_encoding_rejects_what_it_cannot_represent(tmp_path):
 
 
 def test_real_case_result_row_round_trips(tmp_path):
-    from flashcheck.verify.case import Case
+    from flashcheck.properties.case import Case
     from flashcheck.verify.check import CaseResult
     from flashcheck.verify.metrics import compare
 

@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
 from flashcheck.kernels.precision import FORMATS, format_of, from_float64, round_to, to_float64
+from flashcheck.properties import inputs
 from flashcheck.properties import strategies as S
-from flashcheck.verify.case import LAYOUTS, Case
+from flashcheck.properties.case import LAYOUTS, Case
 
 _BASE = settings(deadline=None, database=None, suppress_health_check=list(HealthCheck))
 
@@ -295,7 +296,7 @@ def _qkv_inputs(magnitude, max_seq=48, min_nk=1):
 
 
 def _logits(t, scale):
-    return S._logits64(t.q, t.k, scale)
+    return inputs._logits64(t.q, t.k, scale)
 
 
 @quick(30)

@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from flashcheck.kernels.precision import PrecisionModel, format_of, to_float64
+from flashcheck.properties.case import Case
 from flashcheck.verify import metrics as _metrics
 from flashcheck.verify import oracle as _oracle
 from flashcheck.verify.bounds import Bound, attention_bound
-from flashcheck.verify.case import Case
 
 __all__ = ["CaseResult", "Judgement", "baseline_error", "judge", "run_case"]
 
@@ -90,7 +90,7 @@ def _nonfinite_inputs(case: Case) -> bool:
 def judge(case: Case, out, lse=None, *, model: PrecisionModel, ref=None) -> Judgement:
     """Verdict on ``out`` (and ``lse``) for ``case`` under ``model``."""
     if not isinstance(case, Case):
-        raise TypeError(f"judge needs a flashcheck.verify.case.Case, got {type(case).__name__}")
+        raise TypeError(f"judge needs a flashcheck.properties.case.Case, got {type(case).__name__}")
     if not isinstance(model, PrecisionModel):
         raise TypeError(f"model must be a PrecisionModel, got {type(model).__name__}")
     if _nonfinite_inputs(case):

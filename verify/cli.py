@@ -186,7 +186,7 @@ def run_replay(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from flashcheck.verify.case import Case
+    from flashcheck.properties.case import Case
     from flashcheck.verify.check import run_case
     from flashcheck.verify.models import MODEL_NAMES
     from flashcheck.verify.targets import TargetError, resolve_target

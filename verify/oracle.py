@@ -562,12 +562,12 @@ def attention(q, k, v, *, attn_mask=None, is_causal=False, scale=None, enable_gq
 
 
 def attention_case(case, *, mode="auto", keep=False, with_grad=None, **options) -> AttentionResult:
-    """`attention` of a `flashcheck.verify.case.Case`; gradients when the case has
+    """`attention` of a `flashcheck.properties.case.Case`; gradients when the case has
     ``do`` (or when ``with_grad`` is True, which then requires it)."""
-    from flashcheck.verify.case import Case
+    from flashcheck.properties.case import Case
 
     if not isinstance(case, Case):
-        raise TypeError(f"attention_case needs a flashcheck.verify.case.Case, got {type(case).__name__}")
+        raise TypeError(f"attention_case needs a flashcheck.properties.case.Case, got {type(case).__name__}")
     if with_grad and case.do is None:
         raise ValueError("with_grad=True but the case has no output gradient 'do'")
     dout = case.do if with_grad is not False else None

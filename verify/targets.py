@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from flashcheck.kernels.precision import PrecisionModel, format_of, from_float64
-from flashcheck.verify.case import Case
+from flashcheck.properties.case import Case
 from flashcheck.verify.models import default_model_name, get_model
 
 __all__ = ["BUILTIN_TARGETS", "Target", "TargetError", "TargetOutput", "resolve_target"]
