@@ -22,7 +22,6 @@ Each drawn class is reported with `hypothesis.event`, so
 
 from __future__ import annotations
 
-import functools
 import math
 
 import numpy as np
@@ -43,7 +42,9 @@ from flashcheck.properties.inputs import (
     qkv,
 )
 from flashcheck.properties.masks import MASK_KINDS, MASK_SHAPES, Mask, mask_array
+from flashcheck.properties.plans import CHOICE_MAX, N_CHOICES, Plan, case_from_plan, head_kind, primes_upto
 from flashcheck.properties.validation import (
+    check_bool,
     check_choices,
     check_int,
     check_range,
@@ -64,6 +65,8 @@ __all__ = [
     "TRITON_BLOCK_SIZES",
     "block_sizes",
     "cases",
+    "cases_from_plan",
+    "plan_choices",
     "dtypes",
     "head_dims",
     "layouts",
@@ -84,18 +87,6 @@ TRITON_BLOCK_SIZES = (16, 32, 64, 128)
 SPECIAL_HEAD_DIMS = (59, 80, 96, 111, 160)
 
 _seeds = st.integers(0, 2**32 - 1)
-
-
-@functools.lru_cache(maxsize=8)
-def _primes_upto(n: int) -> tuple:
-    if n < 2:
-        return ()
-    sieve = np.ones(n + 1, dtype=bool)
-    sieve[:2] = False
-    for p in range(2, math.isqrt(n) + 1):
-        if sieve[p]:
-            sieve[p * p :: p] = False
-    return tuple(int(p) for p in np.flatnonzero(sieve))
 
 
 def _is_prime(n: int) -> bool:
@@ -132,7 +123,7 @@ def _seq_len_options(lo: int, hi: int) -> list:
         options.append(("1", st.just(1)))
     powers = [1 << k for k in range(hi.bit_length() + 1)]
     for name, values in (
-        ("prime", _in_range(_primes_upto(1 << hi.bit_length()), lo, hi)),
+        ("prime", _in_range(primes_upto(1 << hi.bit_length()), lo, hi)),
         ("2^k", _in_range(powers, lo, hi)),
         ("2^k+1", _in_range([p + 1 for p in powers if p >= 2], lo, hi)),
         ("2^k-1", _in_range([p - 1 for p in powers if p >= 4], lo, hi)),
@@ -201,12 +192,6 @@ def _head_dim_class(D: int) -> str:
     return "real-model size" if D in SPECIAL_HEAD_DIMS else "other"
 
 
-def _head_kind(H: int, Hkv: int) -> str:
-    if Hkv == H:
-        return "MHA"
-    return "MQA" if Hkv == 1 else "GQA"
-
-
 @st.composite
 def _shapes(draw, max_batch, max_heads, min_seq, max_seq, head_dim_st, gqa, max_scores, distinct_dv):
     hmax = min(max_heads, max_scores // (min_seq * min_seq))
@@ -244,7 +229,7 @@ def _shapes(draw, max_batch, max_heads, min_seq, max_seq, head_dim_st, gqa, max_
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise InvalidArgument(f"head_dims strategy produced {name}={value!r}; need positive integers")
 
-    event(f"heads: {_head_kind(H, Hkv)}")
+    event(f"heads: {head_kind(H, Hkv)}")
     event(f"Nq: {_length_class(Nq)}")
     event(f"Nk: {_length_class(Nk)}")
     event("Nq == Nk" if Nq == Nk else "Nq != Nk")
@@ -325,7 +310,7 @@ def block_sizes(*, kind: str = "numpy", max_value: int = 512) -> SearchStrategy[
     check_int("max_value", max_value, min_value=1)
     hi = int(max_value)
     options = [st.just(1), st.integers(1, hi)]
-    primes = _primes_upto(hi)
+    primes = primes_upto(hi)
     if primes:
         options.append(st.sampled_from(primes[:64]))
     options.append(st.sampled_from([1 << k for k in range(hi.bit_length())]))
@@ -509,7 +494,7 @@ def _cases(draw, dtype_st, shape_st, magnitude_names, mask_kinds, layout_st, blo
         enable_gqa=shape["Hkv"] != shape["H"], layout=layout,
         magnitude=magnitude, mask_kind=mask.kind,
         block_m=block_m, block_n=block_n, do=do, seed=seed,
-        tags={**tags, **mask.tags, "heads": _head_kind(shape["H"], shape["Hkv"])},
+        tags={**tags, **mask.tags, "heads": head_kind(shape["H"], shape["Hkv"])},
     )
 
 
@@ -605,3 +590,35 @@ def logit_rows(fmt="fp32", *, classes=None, max_rows: int = 8, max_cols: int = 6
     check_int("max_cols", max_cols, min_value=1)
     kinds = check_choices("logit class", classes, LOGIT_CLASSES)
     return _logit_rows(fmt, kinds, int(max_rows), int(max_cols))
+
+
+# -- whole cases from a plan (the campaign's generator) ------------------------
+
+#: Raw choices behind one case of `cases_from_plan`: a fixed number of
+#: integers with fixed bounds, whatever the plan, so that Hypothesis sees the
+#: same kind of draws for every plan (its data tree requires that) and
+#: shrinks them toward 0, the smallest lengths and counts of the plan.
+plan_choices = st.lists(st.integers(0, CHOICE_MAX), min_size=N_CHOICES, max_size=N_CHOICES)
+
+
+def cases_from_plan(plan: Plan, *, device: str = "cpu", max_scores: int | None = None,
+                    block_kind: str | None = None, with_grad: bool = False) -> SearchStrategy[Case]:
+    """Cases that realise ``plan`` (a `flashcheck.properties.plans.Plan`):
+    its features are fixed, the details are drawn (see
+    `flashcheck.properties.plans.case_from_plan`).
+
+    >>> from hypothesis import find
+    >>> from flashcheck.properties.plans import PLAIN, Plan
+    >>> case = find(cases_from_plan(Plan(**{**PLAIN, "size": "key-tiles"})), lambda c: True)
+    >>> case.k.shape[2] > 128
+    True
+    """
+    if not isinstance(plan, Plan):
+        raise InvalidArgument(f"plan must be a Plan, got {type(plan).__name__}")
+    if block_kind not in (None, "numpy", "triton"):
+        raise InvalidArgument(f"block_kind={block_kind!r}; expected None, 'numpy' or 'triton'")
+    check_bool("with_grad", with_grad)
+    if max_scores is not None:
+        check_int("max_scores", max_scores, min_value=1)
+    return plan_choices.map(lambda raw: case_from_plan(plan, raw, device=device, max_scores=max_scores,
+                                                       block_kind=block_kind, with_grad=with_grad))

@@ -24,7 +24,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from flashcheck.reports.records import HTML_FILE, REPRO_DIR
-from flashcheck.reports.summary import case_classes, case_shape, effective_ratio, summarize, validate_rows, worst_rows
+from flashcheck.reports.summary import (
+    COVERAGE_KEYS,
+    case_classes,
+    case_shape,
+    effective_ratio,
+    summarize,
+    validate_rows,
+    worst_rows,
+)
 
 __all__ = ["MAX_FAILURE_ROWS", "WORST_ROWS", "render_html", "write_html"]
 
@@ -312,12 +320,16 @@ def _failure_table(rows, out_dir: Path) -> str:
     return _table(["case", "target", "dtype", "shape", "classes", "error/bound", "reason", "repro"], body) + more
 
 
-def _banner(summary) -> str:
+def _banner(summary, inconclusive=None) -> str:
     t = summary["totals"]
     if t["verdict"] == "empty":
         return '<div class="banner empty">NO DATA: the run produced no rows</div>'
     ran = t["rows"] - t["unsupported"]
     extra = f"; {t['unsupported']} unsupported" if t["unsupported"] else ""
+    if t["verdict"] == "pass" and inconclusive:
+        why = "; ".join(f"{name}: {text}" for name, text in inconclusive.items())
+        text = f"INCONCLUSIVE: {ran} runs within their bounds, but too few cases ran on some target ({why})"
+        return f'<div class="banner empty">{_esc(text)}</div>'
     if t["verdict"] == "pass":
         text = f"PASS: all {ran} runs within their error bounds ({t['cases']} cases{extra})"
     else:
@@ -326,6 +338,31 @@ def _banner(summary) -> str:
         text = (f"FAIL: {t['failures']} of {ran} runs exceed their error bounds or misbehave "
                 f"({t['cases']} cases{extra}); failing: {', '.join(bad)}")
     return f'<div class="banner {t["verdict"]}">{_esc(text)}</div>'
+
+
+def _coverage_table(summary) -> str:
+    cov = summary.get("coverage") or {}
+    if not cov:
+        return '<p class="note">No run was judged.</p>'
+    body = []
+    for target, entry in cov.items():
+        n = max(entry["runs"], 1)
+        cells = [_td(target), _tdn(entry["runs"]),
+                 _td(f"{entry['nk_over_128']} ({100 * entry['nk_over_128'] / n:.0f}%)"),
+                 _td(f"{entry['nq_over_64']} ({100 * entry['nq_over_64'] / n:.0f}%)")]
+        for key in COVERAGE_KEYS:
+            cells.append(_td(", ".join(f"{v} {c}" for v, c in entry[key].items()) or "–"))
+        body.append(cells)
+    return _table(["target", "runs", "Nk > 128", "Nq > 64", *COVERAGE_KEYS], body)
+
+
+def _declined_table(declined) -> str:
+    body = [[_td(target), _td(d["text"]), _td(d["reason"] or "", "reason"), _tdn(info["probes"]),
+             _tdn(info["skipped_cases"])]
+            for target, info in (declined or {}).items() for d in info["declined"]]
+    if not body:
+        return '<p class="note">No target declined anything.</p>'
+    return _table(["target", "declined", "the target's reason", "probe calls", "cases skipped"], body)
 
 
 def render_html(rows, *, title: str = "Attention numerics report", meta: dict | None = None,
@@ -339,17 +376,28 @@ def render_html(rows, *, title: str = "Attention numerics report", meta: dict | 
         raise TypeError(f"meta must be a dict, got {type(meta).__name__}")
     summary = summarize(rows)
     targets, dtypes = summary["totals"]["targets"], summary["totals"]["dtypes"]
+    meta = dict(meta or {})
+    declined, inconclusive = meta.pop("declined", None), meta.pop("inconclusive", None)
     info = {"generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "targets": ", ".join(targets), "dtypes": ", ".join(dtypes), **(meta or {})}
+            "targets": ", ".join(targets), "dtypes": ", ".join(dtypes), **meta}
     info_table = "<table><tbody>" + "".join(
         f"<tr><th>{_esc(k)}</th>{_td(v)}</tr>" for k, v in info.items()) + "</tbody></table>"
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{_esc(title)}</title><style>{_CSS}</style></head><body>",
-        f"<h1>{_esc(title)}</h1>", _banner(summary),
+        f"<h1>{_esc(title)}</h1>", _banner(summary, inconclusive),
         '<p class="note">A run passes when every output element is within the bound its precision model '
         "certifies (error / bound ≤ 1) and no NaN/Inf appears that the exact answer lacks.</p>",
         info_table,
+        "<h2>What the runs covered</h2>",
+        '<p class="note">Runs per stratum and target (pass or fail; declined cases left out). A PASS '
+        "covers these strata and nothing else.</p>",
+        _coverage_table(summary),
+        "<h2>What targets declined</h2>",
+        '<p class="note">Learnt from each target\'s NotImplementedError: the feature values it declined '
+        "(found by simplifying the declined case one feature at a time); later cases avoid them for that "
+        "target.</p>",
+        _declined_table(declined),
     ]
     if rows:
         parts += [

@@ -34,10 +34,12 @@ from flashcheck.reports.records import SUMMARY_FILE, dumps, loads
 
 __all__ = [
     "CLASS_KEYS",
+    "COVERAGE_KEYS",
     "VERDICTS",
     "WORST_PER_GROUP",
     "case_classes",
     "case_shape",
+    "coverage",
     "effective_ratio",
     "read_summary",
     "summarize",
@@ -47,6 +49,8 @@ __all__ = [
 ]
 
 VERDICTS = ("pass", "fail", "unsupported")
+#: Features whose strata the coverage counts (the plan's, where the row has one).
+COVERAGE_KEYS = ("size", "dtype", "mask", "magnitude", "layout", "heads", "head_dim", "lengths", "align", "dv")
 #: Input classes whose failures are counted separately.
 CLASS_KEYS = ("magnitude", "mask_kind", "layout")
 WORST_PER_GROUP = 5
@@ -113,6 +117,64 @@ def case_classes(row: dict) -> str:
     """Input classes of the row: "magnitude/mask_kind/layout", plus causal."""
     text = "/".join(str(row.get(k, "?")) for k in CLASS_KEYS)
     return text + (" causal" if row.get("is_causal") else "")
+
+
+def _size_stratum(row: dict) -> str:
+    """A row's size stratum: its plan's, else one read off its lengths."""
+    nq, nk = row.get("Nq") or 0, row.get("Nk") or 0
+    if nk > 512:
+        return "long"
+    if nq > 64 and nk > 128:
+        return "both-tiles"
+    if nk > 128:
+        return "key-tiles"
+    if nq > 64:
+        return "query-tiles"
+    return "tiny" if max(nq, nk) <= 17 else "one-tile"
+
+
+def _features(row: dict) -> dict:
+    plan = row.get("plan") if isinstance(row.get("plan"), dict) else {}
+    return {
+        "size": plan.get("size") or _size_stratum(row),
+        "dtype": row.get("dtype"),
+        "mask": row.get("mask_kind"),
+        "magnitude": row.get("magnitude"),
+        "layout": row.get("layout"),
+        "heads": row.get("heads") or plan.get("heads"),
+        "head_dim": plan.get("head_dim", row.get("D")),
+        "lengths": "equal" if row.get("Nq") == row.get("Nk") else "different",
+        "align": plan.get("align"),
+        "dv": "same" if row.get("Dv", row.get("D")) == row.get("D") else "different",
+    }
+
+
+def coverage(rows) -> dict:
+    """What the runs covered, per target: for each feature of
+    `COVERAGE_KEYS`, how many runs (pass or fail; unsupported runs left
+    out) had each value, plus how many had more than 128 keys (three key
+    tiles of 64) and more than 64 queries (two query tiles).
+
+    >>> c = coverage([{"target": "t", "dtype": "fp16", "verdict": "pass", "Nq": 70, "Nk": 300, "D": 64}])
+    >>> c["t"]["runs"], c["t"]["size"], c["t"]["nk_over_128"]
+    (1, {'both-tiles': 1}, 1)
+    """
+    out: dict = {}
+    for row in validate_rows(rows):
+        if row["verdict"] == "unsupported":
+            continue
+        entry = out.setdefault(row["target"], {"runs": 0, "nk_over_128": 0, "nq_over_64": 0,
+                                               **{k: {} for k in COVERAGE_KEYS}})
+        entry["runs"] += 1
+        entry["nk_over_128"] += int((row.get("Nk") or 0) > 128)
+        entry["nq_over_64"] += int((row.get("Nq") or 0) > 64)
+        for key, value in _features(row).items():
+            if value is not None:
+                entry[key][str(value)] = entry[key].get(str(value), 0) + 1
+    for entry in out.values():
+        for key in COVERAGE_KEYS:
+            entry[key] = dict(sorted(entry[key].items()))
+    return out
 
 
 def _stats(values) -> tuple[float | None, float | None]:
@@ -184,7 +246,8 @@ def summarize(rows) -> dict:
     row has the value) and ``worst``, the top 5 rows by ratio (case_id,
     shape, classes, verdict, ratio, max_ulp, reason);
     ``failures_by_class[key][class]``: failure counts for each key of
-    `CLASS_KEYS` (classes without failures are listed with 0).
+    `CLASS_KEYS` (classes without failures are listed with 0);
+    ``coverage[target]``: what its runs covered (`coverage`).
     """
     rows = validate_rows(rows)
     targets = sorted({r["target"] for r in rows})
@@ -213,7 +276,7 @@ def summarize(rows) -> dict:
         "dtypes": dtypes,
         "verdict": "empty" if not rows else ("fail" if failures else "pass"),
     }
-    return {"totals": totals, "groups": groups, "failures_by_class": by_class}
+    return {"totals": totals, "groups": groups, "failures_by_class": by_class, "coverage": coverage(rows)}
 
 
 def write_summary(rows, path, *, meta: dict | None = None) -> dict:
@@ -224,6 +287,12 @@ def write_summary(rows, path, *, meta: dict | None = None) -> dict:
         raise TypeError(f"meta must be a dict, got {type(meta).__name__}")
     summary = summarize(rows)
     summary["meta"] = dict(meta or {})
+    # What each target declined, and whether the run said anything, belong beside the coverage.
+    for key in ("declined", "inconclusive"):
+        if key in summary["meta"]:
+            summary[key] = summary["meta"].pop(key)
+    if summary.get("inconclusive") and summary["totals"]["verdict"] == "pass":
+        summary["totals"]["verdict"] = "inconclusive"
     summary["written"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     path = _summary_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

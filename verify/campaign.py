@@ -1,20 +1,34 @@
 """The fuzz campaign: many generated cases, several targets, one report.
 
-Cases come from the property strategies (`flashcheck.properties.strategies.cases`:
-every magnitude class, mask kind, layout and shape class) driven by
-Hypothesis with targeted search: each case reports its worst error/bound
-ratio per target through `hypothesis.target`, so generation drifts toward
-the cases closest to failing. Every target runs on the identical case, so
-targets compare side by side. Each (case, target) row is appended to
-``cases.jsonl`` as soon as it is judged; failing cases are saved under
-``repro/`` for `python -m flashcheck replay`.
+Each case starts as a plan (`flashcheck.properties.plans`): one value per
+feature (dtype, size stratum, Nq == Nk or not, tile-aligned lengths or not,
+MHA/MQA/GQA, head-dim class, Dv, mask kind, layout, magnitude class), dealt
+in shuffled rounds so that every value keeps its share whatever else is
+drawn. Hypothesis then draws the details inside the plan
+(`flashcheck.properties.plans.case_from_plan`) and shrinks them.
 
+Search stays diverse: a bounded share of the cases (``exploit``, 20% by
+default) reuses the plan of one of the worst cases so far (error/bound
+closest to 1 or above) with fresh details, and `hypothesis.target` still
+sees every ratio; the other cases follow the dealer.
+
+Targets are learnt as they go (`flashcheck.verify.capabilities`): when one
+declines a case (`NotImplementedError`), the feature values it declined are
+found and never drawn for it again. Cases take turns being dealt inside
+each target's supported slice and run on every target that supports them,
+so a narrow kernel gets a full campaign. A target that ran fewer cases than
+the floor (5, or 10% of the requested cases if more) leaves the campaign
+inconclusive: exit status 3, never 0.
+
+Each (case, target) row is appended to ``cases.jsonl`` as soon as it is
+judged; failing cases are saved under ``repro/`` for `flashcheck replay`.
 With ``max_examples`` and no time budget, the same seed and options give the
 same cases and verdicts.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import platform
@@ -27,12 +41,18 @@ from hypothesis import strategies as st
 from hypothesis import target as hypothesis_target
 from hypothesis.errors import Flaky
 
+from flashcheck.properties.plans import PlanDealer, case_from_plan, feature_values
+from flashcheck.properties.strategies import plan_choices
 from flashcheck.verify import oracle as _oracle
+from flashcheck.verify.capabilities import Capabilities, describe_rule
 from flashcheck.verify.check import CaseResult, baseline_error, run_case
 from flashcheck.verify.isolation import IsolatedTarget
 from flashcheck.verify.targets import resolve_target
 
-__all__ = ["CampaignConfig", "ConfigError", "CampaignResult", "run_campaign", "save_repro"]
+__all__ = ["CampaignConfig", "ConfigError", "CampaignResult", "run_campaign", "save_repro", "support_floor"]
+
+#: Exit status of a campaign in which some target ran too few cases to say anything.
+EXIT_INCONCLUSIVE = 3
 
 
 class ConfigError(ValueError):
@@ -58,6 +78,13 @@ class CampaignConfig:
     crosscheck: int = 0  # oracle rows re-checked per case against mpmath at twice the precision
     masks: tuple | None = None  # mask kinds (None: all)
     magnitudes: tuple | None = None  # magnitude classes (None: all, NaN/Inf included)
+    sizes: tuple | None = None  # size strata (None: all)
+    heads: tuple | None = None  # "MHA", "MQA", "GQA" (None: all)
+    layouts: tuple | None = None  # memory layouts (None: all)
+    head_dims: tuple | None = None  # head-dim classes or exact head dims (None: every class)
+    equal_lengths: bool = False  # only Nq == Nk
+    same_dv: bool = False  # only Dv == D
+    exploit: float = 0.2  # share of cases that reuse the plan of a worst case so far
 
     def __post_init__(self):
         if not self.targets:
@@ -71,13 +98,33 @@ class CampaignConfig:
         index, count = self.shard
         if not (count >= 1 and 0 <= index < count):
             raise ConfigError(f"shard index {index} must be in [0, {count})")
+        if not 0 <= self.exploit <= 0.5:
+            raise ConfigError(f"--exploit must be in [0, 0.5] (a share of the cases), got {self.exploit}")
+        if self.max_seq is not None and self.max_seq < 1:
+            raise ConfigError(f"--max-seq must be at least 1, got {self.max_seq}")
         self.out = Path(self.out)
-        if self.max_seq is None:
-            self.max_seq = 80 if self.device == "cpu" else 4096
         if self.max_scores is None:
-            # The oracle and the bound run on the host in float64: keep cases
-            # to about a million scores on GPU runs.
-            self.max_scores = 2**13 if self.device == "cpu" else 2**20
+            # The oracle and the bound run on the host in float64: B*H*Nq*Nk
+            # stays within 2**16 on a CPU (the long stratum at 4 heads) and 2**20 on GPU runs.
+            self.max_scores = 2**16 if self.device == "cpu" else 2**20
+        try:
+            self.values = feature_values(
+                dtypes=self.dtypes, sizes=self.sizes, lengths=("equal",) if self.equal_lengths else None,
+                heads=self.heads, head_dims=self.head_dims, dvs=("same",) if self.same_dv else None,
+                masks=self.masks, layouts=self.layouts, magnitudes=self.magnitudes)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+
+def support_floor(requested: int) -> int:
+    """Fewest cases a target must run for a campaign of ``requested`` cases
+    to say anything about it: 5, or 10% of the requested cases if more,
+    and never more than were requested.
+
+    >>> support_floor(150), support_floor(40), support_floor(2)
+    (15, 5, 2)
+    """
+    return min(requested, max(5, math.ceil(0.1 * requested)))
 
 
 @dataclass
@@ -88,10 +135,15 @@ class CampaignResult:
     unsupported: int = 0
     seconds: float = 0.0
     out: Path | None = None
+    capabilities: dict = field(default_factory=dict)  # target -> Capabilities
+    inconclusive: dict = field(default_factory=dict)  # target -> why it says nothing
 
     @property
     def exit_code(self) -> int:
-        return 1 if self.failures else 0
+        """1: a failure; 3: no failure, but some target ran too few cases; 0: every target tested and passed."""
+        if self.failures:
+            return 1
+        return EXIT_INCONCLUSIVE if self.inconclusive else 0
 
 
 def save_repro(result: CaseResult, directory: Path, device: str) -> Path:
@@ -137,31 +189,82 @@ def _meta(cfg: CampaignConfig) -> dict:
     return meta
 
 
+class _Planner:
+    """Which plan each case gets: dealt in the supported slice of the target
+    whose turn it is, or (a bounded share) the plan of one of the worst
+    cases so far."""
+
+    def __init__(self, cfg: CampaignConfig, names: list[str], caps: dict):
+        self.cfg, self.names, self.caps = cfg, names, caps
+        self.dealers = {name: PlanDealer(cfg.values, seed=cfg.seed * 1009 + i) for i, name in enumerate(names)}
+        self.worst: list = []  # (ratio, plan), the highest first, one entry per plan
+        self.turn = 0
+
+    def owners(self) -> list[str]:
+        return [n for n in self.names if not self.caps[n].everything]
+
+    def next_plan(self, index: int):
+        owners = self.owners()
+        if not owners:
+            return None, None
+        owner = owners[self.turn % len(owners)]
+        self.turn += 1
+        period = round(1 / self.cfg.exploit) if self.cfg.exploit > 0 else 0
+        if period and index % period == period - 1 and self.worst:
+            plan = self.worst[(index // period) % len(self.worst)][1]
+            if not self.caps[owner].declines(plan):
+                return plan, "exploit"
+        return self.dealers[owner].deal(avoid=self.caps[owner].rules), "dealt"
+
+    def record(self, plan, ratio: float | None):
+        if ratio is None or not math.isfinite(ratio) or plan is None:
+            return
+        kept = [(r, p) for r, p in self.worst if p != plan]
+        best = max([r for r, p in self.worst if p == plan] + [ratio])
+        self.worst = sorted(kept + [(best, plan)], key=lambda e: -e[0])[:5]
+
+
+def _declines(runner, device: str, build):
+    """``declined(plan) -> bool`` for capability probes: runs ``runner`` on
+    ``build(plan)``; True only for NotImplementedError."""
+    def declined(plan) -> bool:
+        try:
+            runner.run(build(plan), device)
+        except NotImplementedError:
+            return True
+        except Exception:  # a crash or a wrong answer is not a decline; the real case judges it
+            return False
+        return False
+
+    return declined
+
+
 def run_campaign(cfg: CampaignConfig) -> CampaignResult:
     """Run the campaign described by ``cfg``; write the report; return totals.
 
     Raises `flashcheck.verify.targets.TargetError` (a usage error) for a target that
     cannot be resolved, before anything runs.
     """
-    from flashcheck.properties.strategies import cases as case_strategy
     from flashcheck.reports.records import CaseWriter
 
     targets = [resolve_target(name, cfg.model) for name in cfg.targets]
     runners = [IsolatedTarget(t, timeout=cfg.timeout) if cfg.isolate else t for t in targets]
-    block_kind = "triton" if any(t.name == "triton" for t in targets) else "numpy"
-    strategy = case_strategy(
-        dtypes=tuple(cfg.dtypes), max_seq=cfg.max_seq, max_scores=cfg.max_scores,
-        block_kind=block_kind, allow_nonfinite=True,
-        masks=cfg.masks, magnitudes=cfg.magnitudes,
-    )
+    names = [t.name for t in targets]
+    block_kind = "triton" if "triton" in names else "numpy"
+    caps = {name: Capabilities(name, cfg.values) for name in names}
+    planner = _Planner(cfg, names, caps)
     cfg.out.mkdir(parents=True, exist_ok=True)
     (cfg.out / "cases.jsonl").unlink(missing_ok=True)
     repro_dir = cfg.out / "repro"
-    result = CampaignResult(out=cfg.out)
+    result = CampaignResult(out=cfg.out, capabilities=caps)
     start = time.monotonic()
     deadline = start + cfg.budget if cfg.budget else math.inf
     bar = _progress(cfg)
     counter = {"n": 0}
+
+    def build(plan, raw):
+        return case_from_plan(plan, raw, device=cfg.device, max_scores=cfg.max_scores, max_seq=cfg.max_seq,
+                              block_kind=block_kind)
 
     @settings(
         max_examples=cfg.max_examples, database=None, deadline=None, derandomize=False,
@@ -175,18 +278,33 @@ def run_campaign(cfg: CampaignConfig) -> CampaignResult:
         # expensive part, and Hypothesis then runs out its examples at once.
         if time.monotonic() > deadline:
             return
-        case = data.draw(strategy, label="case")
+        raw = data.draw(plan_choices, label="choices")
+        index = counter["n"]
         counter["n"] += 1
-        if (counter["n"] - 1) % cfg.shard[1] != cfg.shard[0]:
+        if index % cfg.shard[1] != cfg.shard[0]:
             return
+        plan, how = planner.next_plan(index)
+        if plan is None:  # every target declines everything we can build
+            return
+        case = build(plan, raw)
+        case.tags["drawn"] = how
         ref = None
         if all(bool((abs(t.astype("float64")) < math.inf).all()) for t in (case.q, case.k, case.v)):
             # The oracle failing (or its cross-check) is a harness bug: let it surface.
             ref = _oracle.attention_case(case, keep=True, with_grad=False, crosscheck_rows=cfg.crosscheck)
         base_err = baseline_error(case, ref) if ref is not None else None
         result.cases += 1
+        worst, bounds = None, {}
         for runner in runners:
-            row_result = run_case(case, runner, device=cfg.device, ref=ref, baseline_err=base_err)
+            cap = caps[runner.name]
+            if cap.declines(plan):
+                cap.skipped += 1
+                continue
+            row_result = run_case(case, runner, device=cfg.device, ref=ref, baseline_err=base_err, bounds=bounds)
+            if row_result.verdict == "unsupported":
+                rule = cap.learn(plan, row_result.reason,
+                                 _declines(runner, cfg.device, functools.partial(build, raw=raw)))
+                row_result.reason = f"{row_result.reason} [declined: {describe_rule(rule)}]"
             row = row_result.row()
             writer.write(row)
             result.rows.append(row)
@@ -195,10 +313,13 @@ def run_campaign(cfg: CampaignConfig) -> CampaignResult:
                 save_repro(row_result, repro_dir, cfg.device)
             elif row_result.verdict == "unsupported":
                 result.unsupported += 1
-            # Targeted search steers generation by what this process saw; shards
-            # see different cases, so they generate without it and stay a partition.
-            if cfg.shard[1] == 1 and row_result.ratio is not None and math.isfinite(row_result.ratio):
-                hypothesis_target(float(row_result.ratio), label=f"ratio:{runner.name}")
+            if row_result.ratio is not None and math.isfinite(row_result.ratio):
+                worst = max(worst or 0.0, row_result.ratio)
+                # Targeted search steers generation by what this process saw; shards
+                # see different cases, so they generate without it and stay a partition.
+                if cfg.shard[1] == 1:
+                    hypothesis_target(float(row_result.ratio), label=f"ratio:{runner.name}")
+        planner.record(plan, worst)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(failures=result.failures, elapsed=f"{time.monotonic() - start:.0f}s")
@@ -219,8 +340,24 @@ def run_campaign(cfg: CampaignConfig) -> CampaignResult:
         if bar is not None:
             bar.close()
     result.seconds = time.monotonic() - start
-    write_reports(result.rows, cfg.out, _meta(cfg) | {"seconds": round(result.seconds, 1)})
+    result.inconclusive = _inconclusive(result, cfg)
+    meta = _meta(cfg) | {"seconds": round(result.seconds, 1),
+                         "declined": {n: c.summary() for n, c in caps.items()},
+                         "inconclusive": result.inconclusive}
+    write_reports(result.rows, cfg.out, meta)
     return result
+
+
+def _inconclusive(result: CampaignResult, cfg: CampaignConfig) -> dict:
+    """Targets that ran fewer cases than the floor, with what they declined."""
+    floor = support_floor(min(cfg.max_examples, max(result.cases, 1)) if cfg.budget else cfg.max_examples)
+    out = {}
+    for name, cap in result.capabilities.items():
+        ran = sum(r["target"] == name and r["verdict"] != "unsupported" for r in result.rows)
+        if ran < floor:
+            declined = "; ".join(describe_rule(r) for r in cap.rules) or "nothing"
+            out[name] = (f"ran {ran} of {result.cases} cases (floor {floor}); declined: {declined}")
+    return out
 
 
 def write_reports(rows: list, out: Path, meta: dict) -> None:

@@ -87,8 +87,20 @@ def _nonfinite_inputs(case: Case) -> bool:
     return not all(np.isfinite(to_float64(t)).all() for t in (case.q, case.k, case.v))
 
 
-def judge(case: Case, out, lse=None, *, model: PrecisionModel, ref=None) -> Judgement:
-    """Verdict on ``out`` (and ``lse``) for ``case`` under ``model``."""
+def _bound(case: Case, ref, model: PrecisionModel, bounds: dict | None) -> Bound:
+    """The case's bound under ``model``, from ``bounds`` (a per-case cache by
+    model name, shared by the targets of one case) when it is there."""
+    if bounds is not None and model.name in bounds:
+        return bounds[model.name]
+    bound = attention_bound(ref, model, attn_mask=case.attn_mask, block_n=case.block_n)
+    if bounds is not None:
+        bounds[model.name] = bound
+    return bound
+
+
+def judge(case: Case, out, lse=None, *, model: PrecisionModel, ref=None, bounds: dict | None = None) -> Judgement:
+    """Verdict on ``out`` (and ``lse``) for ``case`` under ``model``.
+    ``bounds``: a dict kept for one case (and one ``ref``) across targets."""
     if not isinstance(case, Case):
         raise TypeError(f"judge needs a flashcheck.properties.case.Case, got {type(case).__name__}")
     if not isinstance(model, PrecisionModel):
@@ -100,7 +112,7 @@ def judge(case: Case, out, lse=None, *, model: PrecisionModel, ref=None) -> Judg
     if o.shape != ref.out.shape:
         return Judgement("fail", f"output shape {o.shape}, expected {ref.out.shape}", np.inf, None, None, None)
     m = _metrics.compare(o, ref, case.dtype)
-    bound = attention_bound(ref, model, attn_mask=case.attn_mask, block_n=case.block_n)
+    bound = _bound(case, ref, model, bounds)
     bad = ~np.isfinite(o)
     if bad.any():
         idx = tuple(int(i) for i in np.argwhere(bad)[0])
@@ -193,10 +205,11 @@ def _zero_nonfinite(arr: np.ndarray) -> np.ndarray:
 
 
 def run_case(case: Case, target, *, device: str = "cpu", ref=None, baseline: bool = True,
-             baseline_err: float | None = None) -> CaseResult:
+             baseline_err: float | None = None, bounds: dict | None = None) -> CaseResult:
     """Run ``target`` (a `flashcheck.verify.targets.Target`) on ``case`` and judge it.
     ``baseline_err`` (from `baseline_error`) saves recomputing the naive
-    baseline for each target of the same case."""
+    baseline for each target of the same case; ``bounds`` (an empty dict per
+    case) does the same for the error bound of each precision model."""
     model = target.model_for(case.dtype, device)
     start = time.perf_counter()
     result = CaseResult(case=case, target=target.name, model=model.name, verdict="fail")
@@ -223,7 +236,7 @@ def run_case(case: Case, target, *, device: str = "cpu", ref=None, baseline: boo
         return result
     if ref is None and not _nonfinite_inputs(case):
         ref = _oracle.attention_case(case, keep=True, with_grad=False)
-    j = judge(case, out, produced.lse, model=model, ref=ref)
+    j = judge(case, out, produced.lse, model=model, ref=ref, bounds=bounds if ref is not None else None)
     result.verdict, result.reason = j.verdict, j.reason
     result.ratio, result.lse_ratio = j.ratio, j.lse_ratio
     if j.metrics is not None:

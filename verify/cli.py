@@ -6,7 +6,9 @@ To add ``fuzz``, ``replay`` or ``diff``, register them from this module
 (below ``bench``). Benchmarks themselves live in the `flashcheck.verify.bench`
 registry; ``bench`` lists whatever is registered there.
 
-Exit status: 0 success, 1 a run that found a problem, 2 a usage error.
+Exit status: 0 success (every target tested and within bound), 1 a run
+that found a problem, 2 a usage error, 3 inconclusive (a target ran too few
+cases to say anything; the message lists what it declined).
 """
 
 from __future__ import annotations
@@ -93,17 +95,33 @@ def _dtypes(text: str) -> tuple:
     return tuple(dict.fromkeys(names))
 
 
-def _names(text, what, table):
+def _names(text, what, known):
     if text is None:
         return None
-    from flashcheck.properties import strategies
-
-    known = getattr(strategies, table)
     names = tuple(n.strip() for n in text.split(",") if n.strip())
     unknown = [n for n in names if n not in known]
     if unknown or not names:
         raise UsageError(f"unknown {what} {unknown or text!r}; expected some of {', '.join(known)}")
     return names
+
+
+def _head_dims(text):
+    from flashcheck.properties.plans import HEAD_DIM_CLASSES
+
+    if text is None:
+        return None
+    dims = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        if part in HEAD_DIM_CLASSES:
+            dims.append(part)
+        elif part.isdigit() and int(part) >= 1:
+            dims.append(int(part))
+        else:
+            raise UsageError(f"--head-dims: {part!r} is neither a positive integer nor a class "
+                             f"({', '.join(HEAD_DIM_CLASSES)})")
+    if not dims:
+        raise UsageError("--head-dims needs at least one head dim or class")
+    return tuple(dims)
 
 
 def setup_fuzz(parser: argparse.ArgumentParser) -> None:
@@ -118,9 +136,10 @@ def setup_fuzz(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="precision model for every target (default: each target's "
                         "own, else fa2 for fp16/bf16 and fp32-ieee for fp32)")
     parser.add_argument("--out", default="reports/latest", help="output directory (default reports/latest)")
-    parser.add_argument("--max-seq", type=int, default=None, help="longest sequence (default 80 on cpu, 4096 on cuda)")
+    parser.add_argument("--max-seq", type=int, default=None,
+                        help="cap on Nq and Nk (default: the size strata's own, up to 1536 on cpu)")
     parser.add_argument("--max-scores", type=int, default=None,
-                        help="cap on B*H*Nq*Nk per case (default 2**13 on cpu, 2**20 on cuda)")
+                        help="cap on B*H*Nq*Nk per case (default 2**16 on cpu, 2**20 on cuda)")
     parser.add_argument("--timeout", type=float, default=300.0, help="per-case timeout of a target in seconds")
     parser.add_argument("--no-isolate", action="store_true", help="run targets in this process (no crash isolation)")
     parser.add_argument("--shard", default="0/1", metavar="I/N",
@@ -128,12 +147,27 @@ def setup_fuzz(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--masks", default=None, help="comma-separated mask kinds (default: all): none, causal, "
                         "bool-random, additive, sliding-window, fully-masked-rows")
     parser.add_argument("--magnitudes", default=None, help="comma-separated magnitude classes (default: all)")
+    parser.add_argument("--sizes", default=None, help="comma-separated size strata (default: all): tiny, one-tile, "
+                        "key-tiles, query-tiles, both-tiles, long")
+    parser.add_argument("--heads", default=None, help="comma-separated head layouts (default: all): MHA, MQA, GQA")
+    parser.add_argument("--layouts", default=None, help="comma-separated memory layouts (default: all): "
+                        "contiguous, bnhd, strided")
+    parser.add_argument("--head-dims", default=None, help="comma-separated head dims (e.g. 64,128) or head-dim "
+                        "classes (tiny, 16-32, 64, 128, odd, 192-256); default: every class")
+    parser.add_argument("--equal-lengths", action="store_true", help="only cases with Nq == Nk")
+    parser.add_argument("--same-dv", action="store_true", help="only cases with V's head dim equal to Q's")
+    parser.add_argument("--exploit", type=float, default=0.2, metavar="SHARE",
+                        help="share of cases that reuse the plan of a worst case so far (default 0.2, at most 0.5)")
     parser.add_argument("--crosscheck", type=int, default=0, metavar="ROWS",
                         help="re-check this many oracle rows per case with pure mpmath at twice the precision")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run_fuzz(args: argparse.Namespace) -> int:
+    from flashcheck.properties.case import LAYOUTS
+    from flashcheck.properties.inputs import MAGNITUDES
+    from flashcheck.properties.masks import MASK_KINDS
+    from flashcheck.properties.plans import HEAD_KINDS, SIZE_STRATA
     from flashcheck.verify.campaign import CampaignConfig, ConfigError, run_campaign
     from flashcheck.verify.targets import TargetError
 
@@ -158,8 +192,11 @@ def run_fuzz(args: argparse.Namespace) -> int:
         cfg = CampaignConfig(
             targets=args.target, dtypes=_dtypes(args.dtype), budget=args.budget, max_examples=args.max_examples,
             seed=args.seed, device=args.device, model=args.model, out=args.out, max_seq=args.max_seq,
-            max_scores=args.max_scores, masks=_names(args.masks, "mask kind", "MASK_KINDS"),
-            magnitudes=_names(args.magnitudes, "magnitude class", "MAGNITUDES"), crosscheck=args.crosscheck,
+            max_scores=args.max_scores, masks=_names(args.masks, "mask kind", MASK_KINDS),
+            magnitudes=_names(args.magnitudes, "magnitude class", MAGNITUDES), crosscheck=args.crosscheck,
+            sizes=_names(args.sizes, "size stratum", SIZE_STRATA), heads=_names(args.heads, "head layout", HEAD_KINDS),
+            layouts=_names(args.layouts, "layout", LAYOUTS), head_dims=_head_dims(args.head_dims),
+            equal_lengths=args.equal_lengths, same_dv=args.same_dv, exploit=args.exploit,
             timeout=args.timeout, isolate=not args.no_isolate, progress=not args.no_progress, shard=(index, count),
         )
         result = run_campaign(cfg)
@@ -167,6 +204,11 @@ def run_fuzz(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     print(f"{result.cases} cases, {len(result.rows)} runs: {result.failures} failed, "
           f"{result.unsupported} unsupported, in {result.seconds:.0f} s; report: {cfg.out / 'index.html'}")
+    for name, cap in result.capabilities.items():
+        if cap.rules:
+            print(f"{name} declined: " + "; ".join(d["text"] for d in cap.summary()["declined"]))
+    for name, why in result.inconclusive.items():
+        print(f"INCONCLUSIVE: {name} {why}", file=sys.stderr)
     return result.exit_code
 
 

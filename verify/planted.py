@@ -7,11 +7,18 @@ arguments and return a tensor in the input dtype, so they are targets as
 ``flashcheck.verify.planted:NAME``.
 
 They share one tiled forward pass, `_flash`, written the FlashAttention-2
-way (running max m, running sum l, unnormalised accumulator, fp32 state,
-P in the input dtype for the P V product) with one switch per bug. exp is
-evaluated in float64 and rounded to fp32 so that the correct variants follow
-the ``fa2``/``fp32-ieee`` models exactly (torch's own fp32 exp is only
-faithful to about one ulp).
+way (64 x 64 tiles of queries and keys, running max m, running sum l,
+unnormalised accumulator, fp32 state, P in the input dtype for the P V
+product) with one switch per bug. exp is evaluated in float64 and rounded
+to fp32 so that the correct variants follow the ``fa2``/``fp32-ieee`` models
+exactly (torch's own fp32 exp is only faithful to about one ulp).
+
+Some bugs live only past the first tile (`MULTI_TILE`): they change nothing
+while a case fits one query tile and two key tiles, as in real kernels whose
+index arithmetic or merges are wrong only for later tiles.
+
+The narrow kernels (`NARROW`) support a slice of SDPA, the way most real
+kernels do, and raise `NotImplementedError` elsewhere.
 """
 
 from __future__ import annotations
@@ -20,9 +27,10 @@ import math
 
 import torch
 
-__all__ = ["BROKEN", "CORRECT"]
+__all__ = ["BLOCK_M", "BLOCK_N", "BROKEN", "CORRECT", "MULTI_TILE", "NARROW"]
 
-_BLOCK = 16
+BLOCK_M = 64  # queries per query tile
+BLOCK_N = 64  # keys per key tile
 
 
 def _exp32(x: torch.Tensor) -> torch.Tensor:
@@ -41,17 +49,11 @@ def _expand_kv(k, v, H, bug):
     return k[:, idx], v[:, idx]
 
 
-def _visible(Nq, Nk, attn_mask, is_causal, bug, dtype, B, H):
-    """Boolean (B, H, Nq, Nk) visibility and additive float bias."""
+def _visible(Nq, Nk, attn_mask, bug, B, H):
+    """Boolean (B, H, Nq, Nk) visibility of ``attn_mask`` and its additive float bias."""
     vis = torch.ones((B, H, Nq, Nk), dtype=torch.bool)
     bias = torch.zeros((B, H, Nq, Nk), dtype=torch.float32)
-    if is_causal:
-        i = torch.arange(Nq)[:, None]
-        j = torch.arange(Nk)[None, :]
-        if bug == "wrong_mask":
-            vis = vis & (j < i)  # off by one: a query no longer sees itself
-        else:
-            vis = vis & (j <= i)
+    # is_causal is applied per query tile, in _flash (wrong_mask: j < i, off by one).
     if attn_mask is not None:
         mask = attn_mask.to("cpu")
         if mask.dtype == torch.bool:
@@ -89,18 +91,67 @@ def _flash(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=Fals
     if bug == "head_dim_padding" and D & (D - 1):
         # Unmasked loads of a power-of-two head dim run into the next row's data.
         q, k = _overread(q, 1 << D.bit_length()), _overread(k, 1 << D.bit_length())
-    vis, bias = _visible(Nq, Nk, attn_mask, is_causal, bug, dtype, B, H)
+    vis, bias = _visible(Nq, Nk, attn_mask, bug, B, H)
 
+    out = torch.empty((B, H, Nq, v.shape[-1]))
+    j = torch.arange(Nk)[None, :]
+    for q0 in range(0, Nq, BLOCK_M):
+        q1 = min(q0 + BLOCK_M, Nq)
+        rows = torch.arange(q0, q1)
+        if bug == "last_query_tile_shifted" and q0 > 0 and q1 - q0 < BLOCK_M:
+            # A clamped full-tile load (the last 64 rows); its first rows are stored at this tile's rows.
+            rows = torch.arange(Nq - BLOCK_M, Nq - BLOCK_M + (q1 - q0))
+        vis_q, bias_q = vis[:, :, rows], bias[:, :, rows]
+        if is_causal:
+            i = rows - q0 if bug == "causal_tile_local_row" else rows  # the row index within the tile
+            vis_q = vis_q & ((j < i[:, None]) if bug == "wrong_mask" else (j <= i[:, None]))
+        out[:, :, q0:q1] = _key_loop(q[:, :, rows], k, v, vis_q, bias_q, scale, dtype, bug)
+    return out.to(dtype).to(device)
+
+
+def _key_loop(q, k, v, vis, bias, scale, dtype, bug):
+    """Attention of one query tile over every key tile (split in two halves
+    that are merged, for Nk > 2 tiles, as split-KV kernels do)."""
+    Nk = k.shape[2]
+    if Nk > 2 * BLOCK_N:
+        half = -(-(Nk // 2) // BLOCK_N) * BLOCK_N  # a split on a tile boundary
+        first = _partial(q, k[:, :, :half], v[:, :, :half], vis[..., :half], bias[..., :half], scale, dtype, bug)
+        second = _partial(q, k[:, :, half:], v[:, :, half:], vis[..., half:], bias[..., half:], scale, dtype, bug)
+        m, l_sum, acc = _merge(first, second, bug)
+    else:
+        m, l_sum, acc = _partial(q, k, v, vis, bias, scale, dtype, bug)
+    if bug == "fully_masked_rows":
+        return acc / l_sum[..., None]  # 0/0 = NaN on rows with no visible key
+    # l == 0: no visible key, output 0. A NaN l (a NaN logit) must stay NaN, so no "l > 0" test.
+    return torch.where(l_sum[..., None] == 0, 0.0, acc / l_sum[..., None])
+
+
+def _merge(a, b, bug):
+    """Merge two partial states (m, l, acc) over disjoint key ranges."""
+    (m1, l1, acc1), (m2, l2, acc2) = a, b
+    if bug == "split_kv_merge_unscaled":
+        return torch.maximum(m1, m2), l1 + l2, acc1 + acc2  # each half still relative to its own max
+    m = torch.maximum(m1, m2)
+    safe = torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
+    w1, w2 = _exp32(m1 - safe), _exp32(m2 - safe)
+    return m, l1 * w1 + l2 * w2, acc1 * w1[..., None] + acc2 * w2[..., None]
+
+
+def _partial(q, k, v, vis, bias, scale, dtype, bug):
+    """The online-softmax state (m, l, acc) of q over keys k, v, tile by tile."""
+    B, H, Nq, _ = q.shape
+    Nk = k.shape[2]
     m = torch.full((B, H, Nq), 0.0 if bug == "wrong_init" else -math.inf)
     l_sum = torch.zeros((B, H, Nq))
     acc = torch.zeros((B, H, Nq, v.shape[-1]))
-    for start in range(0, Nk, _BLOCK):
-        stop = start + _BLOCK
+    n_tiles = max(1, Nk // BLOCK_N) if bug == "kv_tiles_floor" else -(-Nk // BLOCK_N)
+    for start in range(0, n_tiles * BLOCK_N, BLOCK_N):
+        stop = start + BLOCK_N
         kt, vt = k[:, :, start:stop], v[:, :, start:stop]
         vis_t, bias_t = vis[..., start:stop], bias[..., start:stop]
-        if bug == "unmasked_ragged_tail" and kt.shape[2] < _BLOCK:
+        if bug == "unmasked_ragged_tail" and kt.shape[2] < BLOCK_N:
             # The last tile is padded with zero keys that are not masked out.
-            pad = _BLOCK - kt.shape[2]
+            pad = BLOCK_N - kt.shape[2]
             kt = torch.cat([kt, torch.zeros(B, H, pad, kt.shape[-1])], 2)
             vt = torch.cat([vt, torch.zeros(B, H, pad, vt.shape[-1])], 2)
             vis_t = torch.cat([vis_t, torch.ones(B, H, Nq, pad, dtype=torch.bool)], -1)
@@ -126,11 +177,7 @@ def _flash(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=Fals
         if bug == "low_precision_accumulator":
             acc = acc.to(torch.bfloat16).float()
         m = m_new
-    if bug == "fully_masked_rows":
-        out = acc / l_sum[..., None]  # 0/0 = NaN on rows with no visible key
-    else:
-        out = torch.where(l_sum[..., None] > 0, acc / l_sum.clamp_min(1e-45)[..., None], 0.0)
-    return out.to(dtype).to(device)
+    return m, l_sum, acc
 
 
 def _make(bug):
@@ -149,6 +196,8 @@ def correct_reference(query, key, value, attn_mask=None, dropout_p=0.0, is_causa
     """Correct: float64 attention rounded once to the input dtype."""
     if dropout_p:
         raise NotImplementedError("dropout is not modelled")
+    if not all(bool(torch.isfinite(t).all()) for t in (query, key, value)):
+        raise NotImplementedError("the float64 reference takes finite inputs only")
     from flashcheck.verify.oracle import attention as oracle
 
     res = oracle(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
@@ -170,13 +219,64 @@ BROKEN = {
     "fully_masked_rows": "rows with no visible key give 0/0 = NaN",
     "head_dim_padding": "head dims that are not powers of two are loaded unmasked up to the next power of two",
     "low_precision_logits": "logits are rounded to the input dtype before exp",
+    "causal_tile_local_row": "the causal mask of query tiles after the first uses the row index within the tile",
+    "kv_tiles_floor": "the key-tile count is Nk // 64 (floor): past one tile, the ragged last key tile is dropped",
+    "split_kv_merge_unscaled": "split-KV halves (Nk > 128) are merged without rescaling to the common max",
+    "last_query_tile_shifted": "a ragged last query tile (after the first) loads the last 64 rows, clamped, "
+                               "and stores them at its own rows",
 }
+
+#: Bugs that change nothing while a case fits one query tile and two key tiles.
+MULTI_TILE = ("causal_tile_local_row", "kv_tiles_floor", "split_kv_merge_unscaled", "last_query_tile_shifted")
 
 CORRECT = ("correct_tiled", "correct_reference")
 
 correct_tiled = _make(None)
 for _bug in BROKEN:
     globals()[_bug] = _make(_bug)
+
+
+# -- narrow kernels: a slice of SDPA, NotImplementedError elsewhere ---------------
+
+def _narrow_checks(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa):
+    if query.dtype not in (torch.float16, torch.bfloat16):
+        raise NotImplementedError(f"only fp16 and bf16, got {query.dtype}")
+    if query.shape[-1] not in (64, 128) or value.shape[-1] != query.shape[-1]:
+        raise NotImplementedError(f"head dim must be 64 or 128 for q, k and v, got {query.shape[-1]}, "
+                                  f"{value.shape[-1]}")
+    if attn_mask is not None:
+        raise NotImplementedError("no attn_mask (only is_causal)")
+    if enable_gqa or key.shape[1] != query.shape[1]:
+        raise NotImplementedError("no GQA/MQA")
+    if query.shape[2] != key.shape[2]:
+        raise NotImplementedError(f"Nq must equal Nk, got {query.shape[2]} and {key.shape[2]}")
+    if not all(t.is_contiguous() for t in (query, key, value)):
+        raise NotImplementedError("contiguous inputs only")
+    if dropout_p:
+        raise NotImplementedError("dropout is not modelled")
+
+
+def _make_narrow(bug):
+    def impl(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        _narrow_checks(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+        return _flash(query, key, value, None, is_causal, scale, False, bug=bug)
+
+    impl.__name__ = "narrow_buggy" if bug else "narrow_correct"
+    impl.__doc__ = ("fp16/bf16, head dim 64 or 128, no mask but causal, MHA, Nq == Nk, contiguous; "
+                    + (f"planted bug {bug!r}." if bug else "correct."))
+    return impl
+
+
+def declines_everything(query, key, value, **kwargs):
+    """Raises NotImplementedError for every case."""
+    raise NotImplementedError("this kernel supports nothing the harness can build")
+
+
+#: Narrow kernels: name -> (planted bug or None). Inside their slice the buggy one
+#: drops the ragged last key tile (kv_tiles_floor), so a campaign must reach it.
+NARROW = {"narrow_correct": None, "narrow_buggy": "kv_tiles_floor"}
+narrow_correct = _make_narrow(None)
+narrow_buggy = _make_narrow("kv_tiles_floor")
 
 
 # -- targets that misbehave as programs, for the campaign's robustness ------------
