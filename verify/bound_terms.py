@@ -29,6 +29,7 @@ __all__ = [
     "exp_unit",
     "gamma",
     "half_subnormal",
+    "largest_terms",
     "mask_logit_error",
     "mask_unit",
     "p_times_expm1",
@@ -178,3 +179,9 @@ def mask_logit_error(a, logit_mag, model: PrecisionModel):
     sum to ``model.logits``: u_logits * ``logit_mag``, a bound on the
     magnitude of the sum as computed."""
     return mask_unit(model) * a + np.where(a > 0, unit(model.logits) * logit_mag, 0.0)
+
+
+def largest_terms(**terms) -> dict:
+    """The largest value of each named term array, as floats (0 for an empty
+    array): the ``terms`` summary a bound reports for debugging."""
+    return {name: float(np.max(value, initial=0.0)) for name, value in terms.items()}

@@ -25,6 +25,7 @@ from flashcheck.verify.bound_terms import (
     exp_unit,
     gamma,
     half_subnormal,
+    largest_terms,
     mask_logit_error,
     p_times_expm1,
     scale_constant_error,
@@ -259,14 +260,9 @@ def attention_bound(ref, model: PrecisionModel, *, attn_mask=None, block_n=None,
     lse_bound = np.where(lse_fallback, np.inf, lse_core + lse_final)
     lse_bound = np.where(masked_row | big, np.where(masked_row, 0.0, np.inf), lse_bound)
 
-    terms = {
-        "logit_weights": float(np.max(err1, initial=0.0)),
-        "p_rounding_and_accumulation": float(np.max(err2, initial=0.0)),
-        "division": float(np.max(err3, initial=0.0)),
-        "output_rounding": float(np.max(err4, initial=0.0)),
-        "max_weight_perturbation": float(np.max(E, initial=0.0)),
-        "fallback_rows": int(fallback.sum()),
-    }
+    terms = largest_terms(logit_weights=err1, p_rounding_and_accumulation=err2, division=err3,
+                          output_rounding=err4, max_weight_perturbation=E)
+    terms["fallback_rows"] = int(fallback.sum())
     return Bound(out=bound, lse=lse_bound, fallback=fallback & ~masked_row, terms=terms)
 
 

@@ -30,6 +30,7 @@ from flashcheck.verify.bound_terms import (
     exp_unit,
     gamma,
     half_subnormal,
+    largest_terms,
     mask_logit_error,
     mask_unit,
     p_times_expm1,
@@ -263,12 +264,5 @@ def gradient_bound(ref, model: PrecisionModel, *, dout, out_target=None, lse_tar
         with np.errstate(invalid="ignore"):
             bad = big | over | ~(np.abs(exact) + e <= out_max)
         bounds.append(np.where(bad, np.inf, e))
-    terms = {
-        "p_recompute": float(np.max(e_p, initial=0.0)),
-        "delta": float(np.max(e_d, initial=0.0)),
-        "dp": float(np.max(e_dp, initial=0.0)),
-        "ds": float(np.max(e_ds, initial=0.0)),
-        "saved_out": float(np.max(e_o, initial=0.0)),
-        "saved_lse": float(np.max(e_lse, initial=0.0)),
-    }
+    terms = largest_terms(p_recompute=e_p, delta=e_d, dp=e_dp, ds=e_ds, saved_out=e_o, saved_lse=e_lse)
     return GradBound(dq=bounds[0], dk=bounds[1], dv=bounds[2], terms=terms)
