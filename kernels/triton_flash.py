@@ -45,6 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
+from flashcheck.kernels.models import EX2_APPROX_REL_ERR, INTERP_EXP2_REL_ERR
 from flashcheck.kernels.precision import PrecisionModel
 
 __all__ = ["attention", "precision_model", "default_blocks", "is_interpreted", "MAX_HEAD_DIM"]
@@ -52,10 +53,6 @@ __all__ = ["attention", "precision_model", "default_blocks", "is_interpreted", "
 MAX_HEAD_DIM = 256
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-#: ex2.approx.f32: "maximum ulp error is 2 ulp from correctly rounded result
-#: across the full range of inputs" (PTX ISA 9.1, section 9.7.3.21), i.e. a
-#: relative error of at most 2 * 2**-23 beyond the rounding of the result.
-EX2_APPROX_REL_ERR = 2.0**-22
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -773,9 +770,7 @@ def precision_model(dtype, allow_tf32: bool = False, device: str = "cuda") -> Pr
         pv_acc="fp32", l_acc="fp32", rescale="fp32", out=name,
         tf32=bool(allow_tf32 and gpu and name == "fp32"),
         exp_impl="exp2",
-        # Under the interpreter exp2 is NumPy's float32 exp2 (within 1 ulp,
-        # pinned in tests/test_triton_interpreter.py).
-        exp_rel_err=EX2_APPROX_REL_ERR if gpu else 2.0**-23,
+        exp_rel_err=EX2_APPROX_REL_ERR if gpu else INTERP_EXP2_REL_ERR,
         acc_rounding="zero" if gpu else "nearest",
         name=f"triton-flash-{name}{'-tf32' if allow_tf32 and gpu and name == 'fp32' else ''}-{device}",
     )

@@ -17,20 +17,14 @@ import numpy as np
 from hypothesis import event, target
 from hypothesis import strategies as st
 
-from flashcheck.verify.models import get_model
-
-MODEL_NAMES = {
-    "fp16": ("fa2", "upcast", "fa2+gpu", "upcast+gpu"),
-    "bf16": ("fa2", "upcast", "fa2+gpu", "upcast+gpu"),
-    "fp32": ("fp32-ieee", "fp32-tf32", "fp32-ieee+gpu", "fp32-tf32+gpu"),
-}
+from flashcheck.kernels.models import MODELS_FOR_DTYPE, get_model
 
 FAILURE_DIR = Path(os.environ.get("FLASHCHECK_FAILURE_DIR", "reports/failures"))
 
 
 def models(dtype: str):
     """Every named precision model for inputs of ``dtype``."""
-    return st.sampled_from(MODEL_NAMES[dtype]).map(lambda name: get_model(name, dtype))
+    return st.sampled_from(MODELS_FOR_DTYPE[dtype]).map(lambda name: get_model(name, dtype))
 
 
 def ratio_of(got, ref, allowed) -> float:

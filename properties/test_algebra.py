@@ -13,12 +13,12 @@ from hypothesis import event, example, given
 from hypothesis import strategies as st
 
 from flashcheck.kernels import numpy_attention as na
+from flashcheck.kernels.models import get_model
 from flashcheck.properties import strategies as fs
 from flashcheck.properties._support import assert_within, models
 from flashcheck.properties.case import Case
 from flashcheck.verify import oracle
 from flashcheck.verify.bounds import attention_bound
-from flashcheck.verify.models import get_model
 
 pytestmark = pytest.mark.fuzz
 

@@ -13,13 +13,13 @@ from hypothesis import strategies as st
 
 from flashcheck.kernels import numpy_attention as na
 from flashcheck.kernels import numpy_backward as nb
+from flashcheck.kernels.models import get_model
 from flashcheck.kernels.precision import round_to
 from flashcheck.properties import strategies as fs
 from flashcheck.properties._support import assert_within, models, ratio_of
 from flashcheck.verify import oracle
 from flashcheck.verify.bounds import attention_bound
 from flashcheck.verify.grad_bounds import gradient_bound
-from flashcheck.verify.models import get_model
 
 pytestmark = pytest.mark.fuzz
 

@@ -11,10 +11,10 @@ import pytest
 from hypothesis import find, settings
 
 from flashcheck.kernels import numpy_attention as na
+from flashcheck.kernels.models import get_model
 from flashcheck.properties import strategies as fs
 from flashcheck.verify import oracle
 from flashcheck.verify.bounds import attention_bound
-from flashcheck.verify.models import get_model
 
 pytestmark = pytest.mark.fuzz
 

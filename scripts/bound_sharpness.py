@@ -18,11 +18,11 @@ import numpy as np
 from hypothesis import HealthCheck, Phase, given, seed, settings, target
 
 from flashcheck.kernels import numpy_attention as na
+from flashcheck.kernels.models import MODELS_FOR_DTYPE, get_model
 from flashcheck.properties import strategies as fs
-from flashcheck.properties._support import MODEL_NAMES, ratio_of
+from flashcheck.properties._support import ratio_of
 from flashcheck.verify import oracle
 from flashcheck.verify.bounds import attention_bound
-from flashcheck.verify.models import get_model
 
 
 def run(dtype: str, name: str, examples: int, seed_value: int) -> list:
@@ -58,7 +58,7 @@ def main():
     args = ap.parse_args()
     table = defaultdict(dict)
     start = time.time()
-    for dtype, names in MODEL_NAMES.items():
+    for dtype, names in MODELS_FOR_DTYPE.items():
         for name in names:
             r = np.asarray(run(dtype, name, args.examples, args.seed))
             table[dtype][name] = {"cases": int(r.size), "median": float(np.median(r)), "max": float(r.max()),

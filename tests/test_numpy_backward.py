@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
+from flashcheck.kernels.models import get_model
 from flashcheck.kernels.numpy_attention import tiled_attention
 from flashcheck.kernels.numpy_backward import attention_backward
 from flashcheck.kernels.precision import from_float64, round_to
 from flashcheck.verify import oracle
 from flashcheck.verify.grad_bounds import gradient_bound
-from flashcheck.verify.models import get_model
 
 # Two float64 evaluations of the same gradients in different orders differ
 # by a few float64 roundings of sums of at most ~100 terms: 1e-12 relative

@@ -21,11 +21,18 @@ from fractions import Fraction
 import mpmath
 import numpy as np
 
-__all__ = ["MpRow", "dyadic_ints", "mp_exp_weights", "ratio_to_float"]
+__all__ = ["CERT_SAFETY", "MpRow", "dyadic_ints", "mp_exp_weights", "ratio_to_float"]
 
 U64 = 2.0**-53
-#: Safety factor on the multiple-precision bounds (same role as in oracle.py).
-SAFETY = 2.0
+#: The oracle's certification safety factor, on every bound it certifies (the
+#: float64 pass in oracle.py and the multiple-precision rows here). It
+#: multiplies every first-order bound and absorbs the neglected second-order
+#: terms (all products of two quantities <= 0.01 times first-order ones, and
+#: factors (1 + gamma_n) <= 1 + 1e-6 for n <= 2**33) and the rounding in the
+#: evaluation of the bound itself (a few dozen operations, relative 1e-14).
+#: Not to be confused with the precision bounds' float-evaluation margin
+#: (`flashcheck.verify.bound_terms.EVAL_MARGIN`).
+CERT_SAFETY = 2.0
 
 
 def dyadic_ints(x) -> tuple[np.ndarray, int]:
@@ -158,14 +165,14 @@ def mp_row(s_int, s_exp, allowed, v_int, v_exp, vf, prec) -> MpRow:
     p = np.array([ratio_to_float(int(x), ell, 0) for x in wts.ints])
     G = (wts.w @ np.abs(vf - out)) / ell_f * 1.01
     # |v_j - O| <= |v_j - out| + |out - exact| + |exact - O|, and |out - exact| <= u|out|
-    exact_err = SAFETY * (G + F * U64 * np.abs(out)) / (1 - F)
-    err = SAFETY * (G + 2 * U64 * np.abs(out)) / (1 - F)
+    exact_err = CERT_SAFETY * (G + F * U64 * np.abs(out)) / (1 - F)
+    err = CERT_SAFETY * (G + 2 * U64 * np.abs(out)) / (1 - F)
     with mpmath.workprec(prec):
         m_mp = mpmath.ldexp(mpmath.mpf(int(m_int)), s_exp)
         log_ell = mpmath.log(mpmath.mpf(ell)) + wts.e0 * mpmath.ln2
         lse_mp = m_mp + log_ell
         lse = float(lse_mp)
-        lse_err = SAFETY * (1.01 * F + 2.0 ** (4 - prec) * (abs(float(m_mp)) + abs(float(log_ell)) + abs(lse))
+        lse_err = CERT_SAFETY * (1.01 * F + 2.0 ** (4 - prec) * (abs(float(m_mp)) + abs(float(log_ell)) + abs(lse))
                             + U64 * abs(lse))
     row_scale = (p @ np.abs(vf)) * (1 + 1e-12)
     pi = 1.01 * (wts.rel + F + U64 + 2.0 ** (2 - prec))
@@ -176,6 +183,6 @@ def mp_row(s_int, s_exp, allowed, v_int, v_exp, vf, prec) -> MpRow:
         out_mp = np.array([mpmath.ldexp(mpmath.mpf(int(y[c])) / ell_mp, v_exp) for c in range(dv)],
                           dtype=object)
     pi_mp = 1.01 * (wts.rel + F + 2.0 ** (3 - prec))
-    err_mp = exact_err + SAFETY * 2.0 ** (3 - prec) * np.abs(out)
+    err_mp = exact_err + CERT_SAFETY * 2.0 ** (3 - prec) * np.abs(out)
     return MpRow(out, exact, err, exact_err, lse, lse_err, row_scale, s_float, p, pi, tau,
                  p_mp, out_mp, pi_mp, err_mp)

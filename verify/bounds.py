@@ -17,31 +17,24 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from flashcheck.kernels.models import LG2_APPROX_ABS_ERR
 from flashcheck.kernels.precision import FORMATS, PrecisionModel
+from flashcheck.verify.bound_terms import (
+    additive_mask_abs,
+    exp_underflow,
+    exp_unit,
+    gamma,
+    half_subnormal,
+    largest_terms,
+    mask_logit_error,
+    p_times_expm1,
+    scale_constant_error,
+    scaled_dot_error,
+    tf32_operand_terms,
+    unit,
+)
 
-__all__ = ["Bound", "attention_bound", "dot_error", "gamma", "rescale_counts", "softmax_bound"]
-
-_TF32_TRUNC_U = 2.0**-10  # tf32 conversion may truncate: bound it as such
-_LG2_ABS_ERR = 2.0**-21  # lg2.approx.f32: absolute error in log2 units (PTX ISA: 2**-22.6), with margin
-_ROUND_TRIP = 1.0 + 2.0**-40  # absorbs float64 rounding in computing the bound itself
-
-
-def gamma(n, u):
-    """Higham's gamma_n = n u / (1 - n u); inf when n u >= 1."""
-    n = np.asarray(n, dtype=np.float64)
-    nu = n * u
-    with np.errstate(divide="ignore"):
-        return np.where(nu < 1.0, nu / np.maximum(1.0 - nu, 0.0), np.inf)
-
-
-def _u(fmt: str, rounding: str = "nearest") -> float:
-    """Unit roundoff; truncation has twice the error of rounding."""
-    return FORMATS[fmt].u * (2.0 if rounding == "zero" else 1.0)
-
-
-def _half_subnormal(fmt: str) -> float:
-    """Largest absolute error of rounding into the subnormal range."""
-    return FORMATS[fmt].smallest_subnormal / 2.0
+__all__ = ["Bound", "attention_bound", "rescale_counts", "softmax_bound"]
 
 
 @dataclass
@@ -72,28 +65,6 @@ def _records_after(s: np.ndarray, tol: np.ndarray) -> np.ndarray:
         maybe = np.isfinite(s) & (s >= prev - tol[..., None])
     counts = np.cumsum(maybe[..., ::-1], axis=-1)[..., ::-1]  # keys >= j
     return counts - maybe  # strictly after j
-
-
-def dot_error(abs_a, abs_b, n, u, tf):
-    """Bound on |fl(A B) - A B| for exact A (..., m, n), B (..., n, p) given by
-    their absolute values: products exact, n rounded additions with unit
-    ``u`` in any order (Higham §3.1), operands first rounded to tf32 when
-    ``tf`` (relative 2^-10 each, or a tf32 subnormal spacing absolutely:
-    rounding a subnormal is an absolute error)."""
-    g = gamma(n, u)
-    err = ((1 + tf) * (1 + g) - 1) * (abs_a @ abs_b) * _ROUND_TRIP
-    if tf:
-        eta = FORMATS["tf32"].smallest_subnormal
-        err = err + (1 + g) * (eta * (1 + tf) * (abs_a.sum(-1)[..., :, None] + abs_b.sum(-2)[..., None, :])
-                               + n * eta**2)
-    return err
-
-
-def _p_times_expm1(p: np.ndarray, e: np.ndarray) -> np.ndarray:
-    """p * (e^e - 1) for p in [0, 1], e >= 0, with no overflow for tiny p."""
-    with np.errstate(divide="ignore", over="ignore"):
-        big = np.exp(np.where(p > 0, np.log(np.where(p > 0, p, 1.0)) + e, -np.inf))
-        return np.where(e < 30, p * np.expm1(np.minimum(e, 30)), big)
 
 
 def _logsumexp(x: np.ndarray) -> np.ndarray:
@@ -153,23 +124,18 @@ def attention_bound(ref, model: PrecisionModel, *, attn_mask=None, block_n=None,
         raise TypeError(f"model must be a PrecisionModel, got {type(model).__name__}")
     del block_n
     q, k, v, s, p, o = ref.q, ref.k, ref.v, ref.s, ref.p, ref.out
-    scale = float(ref.scale)
-    D = q.shape[-1]
+    scale = abs(float(ref.scale))
 
     # --- units (section 2) ----------------------------------------------
-    u_dot = _u(model.qk_acc, model.acc_rounding)
-    u_pv = _u(model.pv_acc, model.acc_rounding)
-    u_l = _u(model.l_acc, model.acc_rounding)
-    u_log = _u(model.logits)
-    u_c = _u("fp32") * (1 + 2.0**-28)  # scale (times log2 e) rounded to fp32 once
-    u_exp = _u(model.exp) + model.exp_rel_err
-    u_resc = _u(model.rescale) + model.exp_rel_err
-    tf = 0.0
-    if model.tf32 and model.input == "fp32":
-        tf = 2 * _TF32_TRUNC_U + _TF32_TRUNC_U**2
-    u_p = 0.0 if model.p == model.exp else _u(model.p)
-    u_div = _u(model.pv_acc) + model.div_rel_err
-    u_out = 0.0 if model.out == model.pv_acc else _u(model.out)
+    u_pv = unit(model.pv_acc, model.acc_rounding)
+    u_l = unit(model.l_acc, model.acc_rounding)
+    u_log = unit(model.logits)
+    u_exp = exp_unit(model)
+    u_resc = unit(model.rescale) + model.exp_rel_err
+    tf, _, eta_tf = tf32_operand_terms(model)
+    u_p = 0.0 if model.p == model.exp else unit(model.p)
+    u_div = unit(model.pv_acc) + model.div_rel_err
+    u_out = 0.0 if model.out == model.pv_acc else unit(model.out)
     exp2 = model.exp_impl == "exp2"
 
     finite = np.isfinite(s)
@@ -178,26 +144,16 @@ def attention_bound(ref, model: PrecisionModel, *, attn_mask=None, block_n=None,
     s0 = np.where(finite, s, 0.0)
 
     # --- per-key logit errors (section 3) ---------------------------------
-    qk = q @ np.swapaxes(k, -1, -2)
-    e_dot = scale * dot_error(np.abs(q), np.swapaxes(np.abs(k), -1, -2), D, u_dot, tf)
-    eta_tf = FORMATS["tf32"].smallest_subnormal if tf else 0.0
-    mag_sS = np.abs(scale * qk) + e_dot
+    qk, e_dot, mag_sS = scaled_dot_error(q, k, scale, model)
     e_mul = u_log * mag_sS
-    a = np.zeros_like(s0)
-    if attn_mask is not None:
-        am = np.asarray(attn_mask)
-        if am.dtype != bool:
-            a = np.broadcast_to(np.abs(am.astype(np.float64)), s.shape)
-            a = np.where(np.isfinite(a), a, 0.0)
-    # exp2 kernels add fl(a * fl32(log2 e)); natural-exp kernels add a exactly.
-    u_mask = (u_log + _u("fp32")) if exp2 else 0.0
-    e_mask = u_mask * a + np.where(a > 0, u_log * (np.abs(s0) + e_dot), 0.0)
+    a = additive_mask_abs(attn_mask, s.shape)
+    e_mask = mask_logit_error(a, np.abs(s0) + e_dot, model)
     # The common rounding of the scale moves every logit of a row by the same
     # factor: centred on the row's max key it costs u_c |scale (S_j - S_max)|.
     jmax = np.argmax(np.where(finite, s, -np.inf), axis=-1)
     qk_max = np.take_along_axis(qk, jmax[..., None], axis=-1)
-    e_common_c = u_c * scale * np.abs(qk - qk_max)
-    e_common_abs = u_c * scale * np.abs(qk)
+    e_common_c = scale_constant_error(scale, np.abs(qk - qk_max))
+    e_common_abs = scale_constant_error(scale, np.abs(qk))
     e_logit = e_dot + e_mul + e_mask
     row_err = np.max(np.where(finite, e_logit + e_common_c, 0.0), axis=-1)
     # exp argument s - m_tile and the rescale exponents telescope to |s - m|.
@@ -213,10 +169,10 @@ def attention_bound(ref, model: PrecisionModel, *, attn_mask=None, block_n=None,
     e_abs = np.where(finite, e_logit + e_common_abs + e_sub + e_expo, 0.0)
     with np.errstate(over="ignore"):
         E = np.expm1(e_c)  # may be inf for keys far below the max: only P E is used then
-    PE = _p_times_expm1(p, e_c)  # P_j E_j without inf * 0 for far-below-max keys
+    PE = p_times_expm1(p, e_c)  # P_j E_j without inf * 0 for far-below-max keys
 
     # Absolute errors of exp results that underflow (ftz on GPUs).
-    eta_exp = FORMATS["fp32"].tiny if exp2 else _half_subnormal(model.exp)
+    eta_exp = exp_underflow(model)
     w_exact = np.exp(np.where(finite, s0 - m[..., None], -np.inf))
     ell = np.where(masked_row, 1.0, np.sum(w_exact, axis=-1))
 
@@ -236,7 +192,7 @@ def attention_bound(ref, model: PrecisionModel, *, attn_mask=None, block_n=None,
     g_l = gamma(n_acc, u_l)
     absv = np.abs(v)
     sum_pv = p_up @ absv
-    eta_p = 0.0 if u_p == 0.0 else _half_subnormal(model.p)
+    eta_p = 0.0 if u_p == 0.0 else half_subnormal(model.p)
     tiny_p = FORMATS[model.p].tiny
     with np.errstate(invalid="ignore"):
         maybe_sub = finite & ~(w_exact * (1 - E) >= tiny_p)  # NaN (0 * inf) counts as "may be subnormal"
@@ -262,9 +218,9 @@ def attention_bound(ref, model: PrecisionModel, *, attn_mask=None, block_n=None,
     o_c = o_tilde + err2
 
     # --- (6) division and output rounding -------------------------------
-    err3 = u_div * o_c + _half_subnormal(model.pv_acc)
+    err3 = u_div * o_c + half_subnormal(model.pv_acc)
     o_d = o_c + err3
-    err4 = u_out * o_d + (_half_subnormal(model.out) if u_out else 0.0)
+    err4 = u_out * o_d + (half_subnormal(model.out) if u_out else 0.0)
     bound = err1 + err2 + err3 + err4
 
     # Coarse rigorous fallback: the output is a weighted mean of V's rows
@@ -272,7 +228,7 @@ def attention_bound(ref, model: PrecisionModel, *, attn_mask=None, block_n=None,
     vmax = np.max(np.where(finite[..., None], absv[..., None, :, :], 0.0), axis=-2) if fallback.any() else 0.0
     coarse = np.abs(o) + vmax * (1 + u_p) * (1 + gamma(n_acc, u_pv))[..., None] / np.maximum(
         1 - gamma(n_acc, u_l), 1e-300
-    )[..., None] * (1 + u_div) * (1 + u_out) + _half_subnormal(model.out)
+    )[..., None] * (1 + u_div) * (1 + u_out) + half_subnormal(model.out)
     bound = np.where(fallback[..., None], coarse, bound)
     bound = np.where(masked_row[..., None], 0.0, bound)
 
@@ -298,20 +254,15 @@ def attention_bound(ref, model: PrecisionModel, *, attn_mask=None, block_n=None,
     lse_abs = np.abs(np.where(masked_row, 0.0, lse))
     if exp2:
         # lse = (m2 + log2 l) * ln 2, each step in fp32 plus lg2.approx's error.
-        lse_final = np.log(2) * _LG2_ABS_ERR + 3 * _u("fp32") * (lse_abs + lse_core)
+        lse_final = np.log(2) * LG2_APPROX_ABS_ERR + 3 * unit("fp32") * (lse_abs + lse_core)
     else:
-        lse_final = _u("fp32") * np.abs(np.log(ell)) + 2 * _u("fp32") * (lse_abs + lse_core)
+        lse_final = unit("fp32") * np.abs(np.log(ell)) + 2 * unit("fp32") * (lse_abs + lse_core)
     lse_bound = np.where(lse_fallback, np.inf, lse_core + lse_final)
     lse_bound = np.where(masked_row | big, np.where(masked_row, 0.0, np.inf), lse_bound)
 
-    terms = {
-        "logit_weights": float(np.max(err1, initial=0.0)),
-        "p_rounding_and_accumulation": float(np.max(err2, initial=0.0)),
-        "division": float(np.max(err3, initial=0.0)),
-        "output_rounding": float(np.max(err4, initial=0.0)),
-        "max_weight_perturbation": float(np.max(E, initial=0.0)),
-        "fallback_rows": int(fallback.sum()),
-    }
+    terms = largest_terms(logit_weights=err1, p_rounding_and_accumulation=err2, division=err3,
+                          output_rounding=err4, max_weight_perturbation=E)
+    terms["fallback_rows"] = int(fallback.sum())
     return Bound(out=bound, lse=lse_bound, fallback=fallback & ~masked_row, terms=terms)
 
 
@@ -333,27 +284,27 @@ def softmax_bound(x, model: PrecisionModel, *, online: bool = True) -> np.ndarra
     w = np.exp(np.where(finite, x0 - m[..., None], -np.inf))
     ell = np.where(empty, 1.0, w.sum(-1))
     p = w / ell[..., None]
-    u_log = _u(model.logits)
-    u_exp = _u(model.exp) + model.exp_rel_err
-    u_resc = _u(model.rescale) + model.exp_rel_err
+    u_log = unit(model.logits)
+    u_exp = exp_unit(model)
+    u_resc = unit(model.rescale) + model.exp_rel_err
     tol = np.full(x.shape[:-1], 2 * u_log) * (np.abs(m) + 1)
     r = rescale_counts(x, tol) if online else np.zeros(x.shape, dtype=np.int64)
     e = u_log * (np.abs(x0 - m[..., None]) + 2 * u_log * (np.abs(m[..., None]) + 1))
     if model.exp_impl == "exp2":
         # converting to base 2, fl(x * fl32(log2 e)): the constant's rounding is
         # common to the row (centred on the max), the product's is not.
-        e = e + u_log * np.abs(x0) + _u("fp32") * np.abs(x0 - m[..., None])
+        e = e + u_log * np.abs(x0) + unit("fp32") * np.abs(x0 - m[..., None])
     e = e - np.log1p(-u_exp) - r * np.log1p(-u_resc)
     E = np.where(finite, np.expm1(e), 0.0)
-    sPE = np.sum(_p_times_expm1(p, np.where(finite, e, 0.0)), -1)
-    theta = gamma(finite.sum(-1) + np.max(r, axis=-1, initial=0) + 1, _u(model.l_acc))
+    sPE = np.sum(p_times_expm1(p, np.where(finite, e, 0.0)), -1)
+    theta = gamma(finite.sum(-1) + np.max(r, axis=-1, initial=0) + 1, unit(model.l_acc))
     bad = (sPE >= 0.5) | (theta >= 0.5)
     sPE = np.where(bad, 0.0, sPE)
     theta = np.where(bad, 0.0, theta)
     rel = (E + sPE[..., None] + theta[..., None]) / ((1 - sPE[..., None]) * (1 - theta[..., None]))
-    u_div = _u(model.pv_acc) + model.div_rel_err
-    u_p = _u(model.p)
-    eta = FORMATS["fp32"].tiny if model.exp_impl == "exp2" else _half_subnormal(model.exp)
-    bound = p * ((1 + rel) * (1 + u_div) * (1 + u_p) - 1) + eta / ell[..., None] + _half_subnormal(model.p)
+    u_div = unit(model.pv_acc) + model.div_rel_err
+    u_p = unit(model.p)
+    eta = exp_underflow(model)
+    bound = p * ((1 + rel) * (1 + u_div) * (1 + u_p) - 1) + eta / ell[..., None] + half_subnormal(model.p)
     bound = np.where(bad[..., None], 1.0, bound)  # a probability is always within 1 of another
     return np.where(empty[..., None] | ~finite, 0.0, bound)

@@ -176,11 +176,10 @@ def run_fuzz(args: argparse.Namespace) -> int:
     except ValueError:
         raise UsageError(f"--shard must look like I/N, got {args.shard!r}") from None
     if args.model is not None:
-        from flashcheck.verify.models import get_model
+        from flashcheck.kernels.models import check_model_name
 
-        base = args.model.partition("+")[0]
         try:
-            get_model(args.model, "fp32" if base.startswith("fp32") else "fp16")
+            check_model_name(args.model)
         except ValueError as exc:
             raise UsageError(f"--model: {exc}") from None
     if args.device == "cuda":
@@ -228,9 +227,9 @@ def run_replay(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
+    from flashcheck.kernels.models import MODEL_NAMES
     from flashcheck.properties.case import Case
     from flashcheck.verify.check import run_case
-    from flashcheck.verify.models import MODEL_NAMES
     from flashcheck.verify.targets import TargetError, resolve_target
 
     path = Path(args.file)

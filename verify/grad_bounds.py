@@ -22,23 +22,28 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from flashcheck.kernels.precision import FORMATS, PrecisionModel
-from flashcheck.verify.bounds import (
-    _TF32_TRUNC_U,
-    _half_subnormal,
-    _p_times_expm1,
-    _u,
-    attention_bound,
+from flashcheck.verify.bound_terms import (
+    EVAL_MARGIN,
+    additive_mask_abs,
     dot_error,
+    exp_underflow,
+    exp_unit,
     gamma,
+    half_subnormal,
+    largest_terms,
+    mask_logit_error,
+    mask_unit,
+    p_times_expm1,
+    scale_constant_error,
+    scaled_dot_error,
+    tf32_operand_terms,
+    unit,
 )
+from flashcheck.verify.bounds import attention_bound
 
 __all__ = ["GradBound", "gradient_bound"]
 
 _U64 = 2.0**-53
-#: The bound is evaluated in float64 from the oracle's float64 values (P, O,
-#: the logits: relative errors below 1e-13). This factor absorbs that and the
-#: rounding of the bound's own few dozen operations.
-_SAFETY = 1.0 + 2.0**-30
 
 
 @dataclass
@@ -99,7 +104,7 @@ def gradient_bound(ref, model: PrecisionModel, *, dout, out_target=None, lse_tar
 
     >>> import numpy as np
     >>> from flashcheck.verify.oracle import attention
-    >>> from flashcheck.verify.models import get_model
+    >>> from flashcheck.kernels.models import get_model
     >>> rng = np.random.default_rng(0)
     >>> q, k, v, do = (rng.standard_normal((1, 1, 4, 8)).astype(np.float16) for _ in range(4))
     >>> ref = attention(q, k, v, keep=True, dout=do)
@@ -111,7 +116,7 @@ def gradient_bound(ref, model: PrecisionModel, *, dout, out_target=None, lse_tar
         raise TypeError(f"model must be a PrecisionModel, got {type(model).__name__}")
     _check_ref(ref)
     q, k, v, s, P, O = ref.q, ref.k, ref.v, ref.s, ref.p, ref.out
-    B, H, Nq, D = q.shape
+    B, H, Nq, _ = q.shape
     Dv = v.shape[-1]
     Hkv = ref.dk.shape[1]
     scale = abs(float(ref.scale))
@@ -130,20 +135,18 @@ def gradient_bound(ref, model: PrecisionModel, *, dout, out_target=None, lse_tar
     exp2 = model.exp_impl == "exp2"
 
     # --- units -------------------------------------------------------------
-    u32 = _u("fp32")
-    u_dot = _u(model.qk_acc, model.acc_rounding)
-    u_acc = _u(model.pv_acc, model.acc_rounding)
-    u_log = _u(model.logits)
-    u_exp = _u(model.exp) + model.exp_rel_err
-    tf = 2 * _TF32_TRUNC_U + _TF32_TRUNC_U**2 if (model.tf32 and model.input == "fp32") else 0.0
-    u_tf = _TF32_TRUNC_U if tf else 0.0
-    eta_tf = FORMATS["tf32"].smallest_subnormal if tf else 0.0
-    u_pr = 0.0 if model.p == model.exp else _u(model.p)  # P rounded for dV
-    u_ds = 0.0 if model.p == "fp32" else _u(model.p)  # dS rounded after its fp32 product
-    eta_p = _half_subnormal(model.p)
-    eta32 = _half_subnormal("fp32")
-    u_in = 0.0 if model.input == model.pv_acc else _u(model.input)
-    eta_in = _half_subnormal(model.input)
+    u32 = unit("fp32")
+    u_dot = unit(model.qk_acc, model.acc_rounding)
+    u_acc = unit(model.pv_acc, model.acc_rounding)
+    u_log = unit(model.logits)
+    u_exp = exp_unit(model)
+    tf, u_tf, eta_tf = tf32_operand_terms(model)
+    u_pr = 0.0 if model.p == model.exp else unit(model.p)  # P rounded for dV
+    u_ds = 0.0 if model.p == "fp32" else unit(model.p)  # dS rounded after its fp32 product
+    eta_p = half_subnormal(model.p)
+    eta32 = half_subnormal("fp32")
+    u_in = 0.0 if model.input == model.pv_acc else unit(model.input)
+    eta_in = half_subnormal(model.input)
 
     # --- B1: errors of what the forward saved -------------------------------
     fwd = None
@@ -165,27 +168,22 @@ def gradient_bound(ref, model: PrecisionModel, *, dout, out_target=None, lse_tar
         e_lse = np.where(np.isnan(e_lse), np.inf, e_lse)
         lse_up = np.where(both_dead, 0.0, np.abs(lse_t))
 
-    # --- B2: logit errors, as in the forward bound (§3 of error-bounds.md) --
-    qk = q @ np.swapaxes(k, -1, -2)
-    e_logit = scale * dot_error(np.abs(q), np.swapaxes(np.abs(k), -1, -2), D, u_dot, tf)
-    mag = np.abs(scale * qk) + e_logit
-    # Scale constant: fl32(scale), or fl32(fl32(scale) log2 e) (one or two
-    # roundings), charged on |s| since the saved LSE does not share it.
-    u_c = 2 * u32 + u32**2 if exp2 else u32
-    e_logit = e_logit + (u_log + u_c * (1 + u_log)) * mag
-    if attn_mask is not None and np.asarray(attn_mask).dtype != bool:
-        a = np.abs(np.broadcast_to(np.asarray(attn_mask).astype(np.float64), s.shape))
-        a = np.where(np.isfinite(a), a, 0.0)
-        u_mask = (u_log + u32) if exp2 else 0.0
-        e_logit = e_logit + u_mask * a + np.where(a > 0, u_log * (np.abs(s0) + e_logit + u_mask * a), 0.0)
+    # --- B2: logit errors, the forward's terms (§3 of error-bounds.md) -----
+    _, e_dot, mag = scaled_dot_error(q, k, scale, model)
+    # fl(S~ c~) with c~ = c (1 + delta_c): the constant's rounding is charged
+    # uncentred (the saved LSE does not move with it), on the perturbed
+    # product |S~| c (1 + u_log), to stay rigorous to all orders.
+    e_logit = e_dot + u_log * mag + scale_constant_error(1 + u_log, mag)
+    a = additive_mask_abs(attn_mask, s.shape)
+    e_logit = e_logit + mask_logit_error(a, np.abs(s0) + e_logit + mask_unit(model) * a, model)
     # --- B3: P recomputed from the saved LSE --------------------------------
     # exp2 kernels convert the natural LSE: fl32(LSE fl32(log2 e)).
     e_conv = (2 * u32 + u32**2) * lse_up if exp2 else 0.0
     e_arg = e_logit + (e_lse + e_conv)[..., None]
     e_sub = u_log * (np.abs(s0 - lse[..., None]) + e_arg)
     eta = np.where(finite, e_arg + e_sub - np.log1p(-u_exp), 0.0)
-    eta_exp = FORMATS["fp32"].tiny if exp2 else _half_subnormal(model.exp)
-    dP_rel = _p_times_expm1(P, eta)  # |p~ - P| <= P (e^eta - 1) + underflow
+    eta_exp = exp_underflow(model)
+    dP_rel = p_times_expm1(P, eta)  # |p~ - P| <= P (e^eta - 1) + underflow
     e_p = np.where(finite, dP_rel + eta_exp, 0.0)
     p_up = P + e_p
     # P rounded to model.p (and to tf32) for the dV product.
@@ -262,16 +260,9 @@ def gradient_bound(ref, model: PrecisionModel, *, dout, out_target=None, lse_tar
     out_max = FORMATS[model.input].max
     bounds = []
     for e, exact, over in ((e_dq, ref.dq, over_q), (e_dk, ref.dk, over_k), (e_dv, ref.dv, over_v)):
-        e = e * _SAFETY
+        e = e * EVAL_MARGIN
         with np.errstate(invalid="ignore"):
             bad = big | over | ~(np.abs(exact) + e <= out_max)
         bounds.append(np.where(bad, np.inf, e))
-    terms = {
-        "p_recompute": float(np.max(e_p, initial=0.0)),
-        "delta": float(np.max(e_d, initial=0.0)),
-        "dp": float(np.max(e_dp, initial=0.0)),
-        "ds": float(np.max(e_ds, initial=0.0)),
-        "saved_out": float(np.max(e_o, initial=0.0)),
-        "saved_lse": float(np.max(e_lse, initial=0.0)),
-    }
+    terms = largest_terms(p_recompute=e_p, delta=e_d, dp=e_dp, ds=e_ds, saved_out=e_o, saved_lse=e_lse)
     return GradBound(dq=bounds[0], dk=bounds[1], dv=bounds[2], terms=terms)

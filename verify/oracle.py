@@ -32,7 +32,7 @@ import mpmath
 import numpy as np
 
 from flashcheck.kernels.precision import format_of, to_float64
-from flashcheck.verify._mp import dyadic_ints, mp_exp_weights, mp_row, ratio_to_float
+from flashcheck.verify._mp import CERT_SAFETY, dyadic_ints, mp_exp_weights, mp_row, ratio_to_float
 
 __all__ = [
     "DEFAULT_RTOL_TARGET",
@@ -58,11 +58,6 @@ RHO = 2 * EXP_ULPS * U
 ETA = 4 * 2.0**-1074
 #: Entries with exp(d + sigma) < exp(-L_NEG) are treated as "negligible".
 L_NEG = 700.0
-#: Multiplies every first-order bound. It absorbs the neglected second-order
-#: terms (all products of two quantities <= 0.01 times first-order ones, and
-#: factors (1 + gamma_n) <= 1 + 1e-6 for n <= 2**33) and the rounding in the
-#: evaluation of the bound itself (a few dozen operations, relative 1e-14).
-SAFETY = 2.0
 #: A row is certified when its bound is at most this times
 #: max(|O_ic|, sum_j P_ij |V_jc|): 1e-3 of fp32's unit roundoff.
 DEFAULT_RTOL_TARGET = 1e-3 * 2.0**-24
@@ -354,11 +349,11 @@ def _float_forward(pr: _Problem, keep: bool, need_p: bool) -> dict:
         F = kappa * (1 + 3 * gK) + Nk * tau_abs / ell_safe * 1.01
         vmax = np.abs(v).max(axis=-2, keepdims=True)
         aout = np.abs(out)
-        err = SAFETY * ((gK + kappa) * (row_scale + aout) + U * aout
+        err = CERT_SAFETY * ((gK + kappa) * (row_scale + aout) + U * aout
                         + Nk * tau_abs * (vmax + aout) / ell_safe) / (1 - F)
         log_ell = np.log(ell_safe)
         lse = m_shift + log_ell
-        lse_err = SAFETY * (1.02 * (gK + F) + RHO * np.abs(log_ell) + U * np.abs(lse))
+        lse_err = CERT_SAFETY * (1.02 * (gK + F) + RHO * np.abs(log_ell) + U * np.abs(lse))
         bad = ~((sigma <= 0.01) & (F < 0.01) & np.isfinite(m_shift))
         err = np.where(empty, 0.0, err)
         out = np.where(empty, 0.0, out)
@@ -464,7 +459,7 @@ def _backward(P, O, dO, Q, K, V, scale, pi, tau, E, u, groups, to_float):
 
     dK, edk = group_sum(dK, edk)
     dV, edv = group_sum(dV, edv)
-    return dQ, dK, dV, SAFETY * edq, SAFETY * edk, SAFETY * edv
+    return dQ, dK, dV, CERT_SAFETY * edq, CERT_SAFETY * edk, CERT_SAFETY * edv
 
 
 def _float_grads(pr, res):
@@ -667,12 +662,12 @@ def _softmax_core(x, axis, mode, rtol_target, prec, want):
         F = w.sum(-1, keepdims=True) / ell_s * (1 + 3 * gn)
         if want == "softmax":
             val = e / ell_s
-            err = SAFETY * (w / ell_s + val * (F + gn + U)) / (1 - F)
+            err = CERT_SAFETY * (w / ell_s + val * (F + gn + U)) / (1 - F)
             tol = rtol_target * val + 2.0**-1000
         else:
             log_ell = np.log(ell_s)
             val = ms + log_ell
-            err = SAFETY * (1.02 * (gn + F) + RHO * np.abs(log_ell) + U * np.abs(val))
+            err = CERT_SAFETY * (1.02 * (gn + F) + RHO * np.abs(log_ell) + U * np.abs(val))
             tol = rtol_target * np.maximum(np.abs(val), 1.0)
         bad = ~((F < 0.01) & (err <= tol)).all(-1) & ~empty[..., 0]
         val = np.where(empty, 0.0 if want == "softmax" else -np.inf, val)
@@ -692,13 +687,13 @@ def _softmax_core(x, axis, mode, rtol_target, prec, want):
         Fm = float(wts.w.sum()) / ell_f * 1.01
         if want == "softmax":
             val[r] = [ratio_to_float(int(t), wts.total, 0) for t in wts.ints]
-            err[r] = SAFETY * (wts.w / ell_f * 1.01 + val[r] * (Fm + 2 * U)) / (1 - Fm)
+            err[r] = CERT_SAFETY * (wts.w / ell_f * 1.01 + val[r] * (Fm + 2 * U)) / (1 - Fm)
         else:
             with mpmath.workprec(prec):
                 m_mp = mpmath.ldexp(mpmath.mpf(int(m_int)), ex)
                 lg = mpmath.log(mpmath.mpf(wts.total)) + wts.e0 * mpmath.ln2
                 val[r] = lse = float(m_mp + lg)
-            err[r] = SAFETY * (1.01 * Fm + 2.0 ** (4 - prec) * (abs(float(m_mp)) + abs(float(lg)) + abs(lse))
+            err[r] = CERT_SAFETY * (1.01 * Fm + 2.0 ** (4 - prec) * (abs(float(m_mp)) + abs(float(lg)) + abs(lse))
                                + U * abs(lse))
     if want == "softmax":
         return SoftmaxResult(np.moveaxis(val, -1, axis), np.moveaxis(err, -1, axis), len(rows), mode)

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from flashcheck.kernels.models import GPU_SUFFIX, check_model_name, default_model_name, get_model
 from flashcheck.kernels.precision import PrecisionModel, format_of, from_float64
 from flashcheck.properties.case import Case
-from flashcheck.verify.models import default_model_name, get_model
 
 __all__ = ["BUILTIN_TARGETS", "Target", "TargetError", "TargetOutput", "resolve_target"]
 
@@ -140,7 +140,7 @@ def _sdpa_model(dtype: str, device: str) -> PrecisionModel:
     # On GPUs these backends compute exp with ex2.approx and accumulate on
     # tensor cores; on the CPU they are IEEE code.
     name = default_model_name(dtype)
-    return get_model(name + "+gpu" if device == "cuda" else name, dtype)
+    return get_model(name + GPU_SUFFIX if device == "cuda" else name, dtype)
 
 
 def _flash_attn(case: Case, device: str) -> TargetOutput:
@@ -193,8 +193,7 @@ def resolve_target(spec: str, model_name: str | None = None) -> Target:
     if not isinstance(spec, str) or not spec:
         raise TargetError(f"target must be a non-empty string, got {spec!r}")
     if model_name is not None:
-        base = model_name.partition("+")[0]
-        get_model(model_name, "fp32" if base.startswith("fp32") else "fp16")  # validates the name
+        check_model_name(model_name)
     if spec == "triton":
         return Target(spec, _run_triton, _triton_model, model_name)
     if spec == "numpy-tiled":
