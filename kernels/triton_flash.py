@@ -753,6 +753,18 @@ def precision_model(dtype, allow_tf32: bool = False, device: str = "cuda") -> Pr
     interpreter, whose dots are fp32 IEEE (NumPy) and which ignores tf32.
     On GPU exp2 is ex2.approx.ftz.f32: results below 2**-126 flush to 0.
 
+    exp error on the CPU: the interpreter's exp2 is NumPy's float32 exp2,
+    whose accuracy is the host's (SIMD/SVML code or the C library), not
+    Triton's. The model takes the documented worst case: NumPy's SVML
+    (AVX-512) float32/float64 transcendentals, exp2 among them, are within
+    4 ulp (numpy/numpy#19478, NumPy 1.22; its AVX2/AVX-512F float32 exp:
+    2.52 ulp, numpy/numpy#13134; glibc's exp2f is listed at 1 ulp). So
+    ``exp_rel_err = 4 * 2**-23 = 2**-21`` for normal results; a subnormal
+    result may be off by 4 * 2**-149 absolutely, which the bounds' absolute
+    exp term for ``exp_impl="exp2"`` (2**-126 per key, there for the GPU's
+    flush to zero) already covers. See docs/error-bounds.md, "exp on the
+    CPU path"; tests/test_triton_interpreter.py asserts this worst case.
+
     >>> precision_model("bf16").p
     'bf16'
     """

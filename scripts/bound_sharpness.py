@@ -20,9 +20,9 @@ from hypothesis import HealthCheck, Phase, given, seed, settings, target
 from flashcheck.kernels import numpy_attention as na
 from flashcheck.kernels.models import MODELS_FOR_DTYPE, get_model
 from flashcheck.properties import strategies as fs
-from flashcheck.properties._support import ratio_of
 from flashcheck.verify import oracle
 from flashcheck.verify.bounds import attention_bound
+from flashcheck.verify.check import error_ratio
 
 
 def run(dtype: str, name: str, examples: int, seed_value: int) -> list:
@@ -41,7 +41,7 @@ def run(dtype: str, name: str, examples: int, seed_value: int) -> list:
             return  # the model overflows on this case: no bound to test
         out = na.tiled_attention(case.q, case.k, case.v, case.attn_mask, case.is_causal, case.scale,
                                  case.enable_gqa, block_m=case.block_m, block_n=case.block_n, model=model)
-        r = ratio_of(out, ref.out, bound.out + ref.err_bound)
+        r = error_ratio(out, ref.out, bound.out + ref.err_bound)
         ratios.append(r)
         if np.isfinite(r):
             target(r)

@@ -1,40 +1,44 @@
 """Which causal alignment does each SDPA backend use when Nq != Nk?
 
 SDPA's documented convention is top-left (query i sees keys j <= i). Prints,
-per backend, the max difference from the math backend and the count of NaN
-outputs, for Nq > Nk and Nq < Nk, in fp16 on the GPU."""
+per fused backend, the count of NaN outputs and the max difference from the
+certified oracle (`flashcheck.verify.oracle`) under top-left (``is_causal``)
+and under bottom-right (query i sees keys j <= i + Nk - Nq, as a bool mask)
+alignment, for Nq > Nk and Nq < Nk, in fp16 on the GPU.
 
-import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.functional import scaled_dot_product_attention as sdpa
+    python scripts/causal_alignment.py
+"""
+
+import numpy as np
+
+from flashcheck.kernels.precision import from_float64, to_float64
+from flashcheck.properties.case import Case
+from flashcheck.verify import oracle
+from flashcheck.verify.targets import SDPA_BACKENDS, resolve_target
+
+FUSED = [name for name in SDPA_BACKENDS if name != "sdpa-math"]
 
 
-def run(backend, q, k, v):
-    try:
-        with sdpa_kernel(backend):
-            return sdpa(q, k, v, is_causal=True)
-    except RuntimeError as exc:
-        return str(exc).splitlines()[0][:60]
+def main() -> None:
+    rng = np.random.default_rng(0)
+    for nq, nk in ((96, 48), (48, 96), (64, 64)):
+        q, k, v = (from_float64(rng.standard_normal((1, 2, n, 64)), "fp16") for n in (nq, nk, nk))
+        case = Case(q=q, k=k, v=v, is_causal=True)
+        top_left = oracle.attention(q, k, v, is_causal=True).out
+        bottom_right_mask = np.arange(nk)[None, :] <= np.arange(nq)[:, None] + (nk - nq)
+        # Rows with no visible key give 0, as the oracle and SDPA define them.
+        bottom_right = oracle.attention(q, k, v, attn_mask=bottom_right_mask).out
+        for name in FUSED:
+            try:
+                out = to_float64(resolve_target(name).run(case, "cuda").out)
+            except (NotImplementedError, RuntimeError) as exc:
+                print(f"Nq={nq} Nk={nk} {name}: unsupported ({str(exc).splitlines()[0][:60]})")
+                continue
+            nan = int(np.isnan(out).sum())
+            out = np.nan_to_num(out)
+            print(f"Nq={nq} Nk={nk} {name}: NaN {nan}, max|out - top-left| {np.abs(out - top_left).max():.3g}, "
+                  f"max|out - bottom-right| {np.abs(out - bottom_right).max():.3g}")
 
 
-torch.manual_seed(0)
-for nq, nk in ((96, 48), (48, 96), (64, 64)):
-    q = torch.randn(1, 2, nq, 64, device="cuda", dtype=torch.float16)
-    k = torch.randn(1, 2, nk, 64, device="cuda", dtype=torch.float16)
-    v = torch.randn(1, 2, nk, 64, device="cuda", dtype=torch.float16)
-    ref = run(SDPBackend.MATH, q, k, v).float()
-    rows = torch.arange(nq, device="cuda")[:, None]
-    cols = torch.arange(nk, device="cuda")[None, :]
-    bottom_right = torch.where(cols <= rows - (nq - nk), 0.0, float("-inf"))
-    br = torch.softmax(q.float() @ k.float().transpose(-1, -2) / 8 + bottom_right, -1).nan_to_num() @ v.float()
-    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
-        out = run(backend, q, k, v)
-        if isinstance(out, str):
-            print(f"Nq={nq} Nk={nk} {backend.name}: unsupported ({out})")
-            continue
-        out = out.float()
-        nan = int(out.isnan().sum())
-        d_top = float((out.nan_to_num() - ref).abs().max())
-        d_bottom = float((out.nan_to_num() - br).abs().max())
-        print(f"Nq={nq} Nk={nk} {backend.name}: NaN {nan}, max|out - top-left math| {d_top:.3g}, "
-              f"max|out - bottom-right| {d_bottom:.3g}")
+if __name__ == "__main__":
+    main()

@@ -1,41 +1,59 @@
 """Narrow down the cuDNN NaN the H100 campaign found: replay the saved case
-with sdpa-cudnn and change one thing at a time."""
+with the harness's ``sdpa-cudnn`` target and change one thing at a time.
+
+    python scripts/cudnn_nan.py CASE.npz
+"""
 
 import sys
 
-import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.functional import scaled_dot_product_attention as sdpa
+import numpy as np
 
+from flashcheck.kernels.precision import format_of, from_float64, to_float64
 from flashcheck.properties.case import Case
+from flashcheck.verify.targets import resolve_target
+
+CUDNN = resolve_target("sdpa-cudnn")
 
 
-def nans(q, k, v, causal, gqa):
-    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-        out = sdpa(q, k, v, is_causal=causal, enable_gqa=gqa)
+def nans(case: Case) -> str:
+    """NaN count of the cuDNN output for ``case`` on the GPU."""
+    import torch
+
+    try:
+        out = CUDNN.run(case, "cuda").out
+    except NotImplementedError as exc:
+        return f"unsupported ({exc})"
     torch.cuda.synchronize()
     bad = out.isnan()
     rows = bad.any(-1)
     return f"NaN elements {int(bad.sum())}, NaN rows {int(rows.sum())} of {rows.numel()}"
 
 
-case = Case.load(sys.argv[1])
-print(case.describe())
-q, k, v, _ = case.to_torch("cuda")
-gqa = case.enable_gqa
-print(f"as found (layout {case.layout}):", nans(q, k, v, case.is_causal, gqa))
-qc, kc, vc = (t.contiguous() for t in (q, k, v))
-print("contiguous copies:", nans(qc, kc, vc, case.is_causal, gqa))
-if gqa:
-    rep = q.shape[1] // k.shape[1]
-    print("kv heads expanded (no GQA):", nans(qc, kc.repeat_interleave(rep, 1), vc.repeat_interleave(rep, 1),
-                                             case.is_causal, False))
-print("not causal:", nans(qc, kc, vc, False, gqa))
-sub = torch.finfo(q.dtype).tiny
-for name, t in (("q", qc), ("k", kc), ("v", vc)):
-    print(f"{name}: subnormal fraction {float((t.abs() < sub).float().mean()):.3f}, max |x| {float(t.abs().max()):.3g}")
-scaled = [t.double() * 2.0**14 for t in (qc, kc, vc)]
-print("inputs times 2**14 (no subnormals):", nans(*(t.to(q.dtype) for t in scaled), case.is_causal, gqa))
-print("q only scaled up:", nans(scaled[0].to(q.dtype), kc, vc, case.is_causal, gqa))
-print("v only scaled up:", nans(qc, kc, scaled[2].to(q.dtype), case.is_causal, gqa))
+def scaled(arr: np.ndarray, factor: float) -> np.ndarray:
+    """``arr`` times ``factor``, rounded back to its format."""
+    return from_float64(to_float64(arr) * factor, format_of(arr.dtype).name)
 
+
+def main(path) -> None:
+    case = Case.load(path)
+    print(case.describe())
+    print(f"as found (layout {case.layout}):", nans(case))
+    flat = case.replace(layout="contiguous")
+    print("contiguous copies:", nans(flat))
+    if case.enable_gqa:
+        rep = case.q.shape[1] // case.k.shape[1]
+        expanded = flat.replace(k=np.repeat(case.k, rep, axis=1), v=np.repeat(case.v, rep, axis=1), enable_gqa=False)
+        print("kv heads expanded (no GQA):", nans(expanded))
+    print("not causal:", nans(flat.replace(is_causal=False)))
+    tiny = format_of(case.q.dtype).tiny
+    for name in ("q", "k", "v"):
+        x = np.abs(to_float64(getattr(case, name)))
+        print(f"{name}: subnormal fraction {float((x < tiny).mean()):.3f}, max |x| {float(x.max()):.3g}")
+    big = {name: scaled(getattr(case, name), 2.0**14) for name in ("q", "k", "v")}
+    print("inputs times 2**14 (no subnormals):", nans(flat.replace(**big)))
+    print("q only scaled up:", nans(flat.replace(q=big["q"])))
+    print("v only scaled up:", nans(flat.replace(v=big["v"])))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

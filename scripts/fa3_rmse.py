@@ -12,6 +12,11 @@ FlashAttention-3 1.9e-4.
 The paper does not fix the sizes in that section; B=4, H=16, N=2048,
 D=128 (non-causal, scale 1/sqrt(D)) is our choice.
 
+The inputs are the harness's own ``fa3-outliers`` magnitude class
+(`flashcheck.properties.strategies.qkv`): one seed draws the same values
+for every dtype, each rounded once to it. The SDPA backends and the Triton kernel are run
+as the harness's targets (`flashcheck.verify.targets`).
+
 The reference is float64 attention computed with torch on the *same*
 quantized inputs the kernels receive, so the RMSE measures the kernels'
 arithmetic only; it is validated on one head against the certified
@@ -37,19 +42,23 @@ from pathlib import Path
 #: The paper's FP16 RMSE (Table 3 of Shah et al. 2024), for comparison.
 PAPER_FP16 = {"standard attention": 3.2e-4, "FlashAttention-2": 1.9e-4, "FlashAttention-3": 1.9e-4}
 
-SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
 #: Relative agreement required between the torch float64 reference and the oracle.
 REFERENCE_RTOL = 1e-10
 
+#: The magnitude class of `flashcheck.properties.strategies` that is the paper's distribution.
+MAGNITUDE = "fa3-outliers"
 
-def outlier_inputs(shape, *, generator, device, p: float = 0.001, outlier_std: float = 10.0):
-    """float64 tensor with entries N(0,1) + N(0, outlier_std**2) * Bernoulli(p)."""
-    import torch
 
-    base = torch.randn(shape, generator=generator, dtype=torch.float64, device=device)
-    spikes = torch.randn(shape, generator=generator, dtype=torch.float64, device=device) * outlier_std
-    hits = torch.rand(shape, generator=generator, dtype=torch.float64, device=device) < p
-    return base + spikes * hits
+def outlier_case(*, batch, heads, seqlen, head_dim, dtype: str, seed: int):
+    """A `Case` (non-causal, scale 1/sqrt(D)) whose q, k, v are the paper's
+    N(0,1) + N(0,100) * Bernoulli(0.001), exact in ``dtype``. Equal seeds
+    draw equal values for every dtype (each rounded once to it)."""
+    from flashcheck.properties.case import Case
+    from flashcheck.properties.strategies import qkv
+
+    shape = dict(B=batch, H=heads, Hkv=heads, Nq=seqlen, Nk=seqlen, D=head_dim, Dv=head_dim)
+    t = qkv(shape, dtype, MAGNITUDE, seed)
+    return Case(q=t.q, k=t.k, v=t.v, scale=1.0 / math.sqrt(head_dim), magnitude=MAGNITUDE, seed=seed, tags=t.tags)
 
 
 def reference_attention(q, k, v, scale: float, *, chunk: int = 1):
@@ -76,33 +85,27 @@ def rmse(x, ref) -> float:
     return math.sqrt(float(((x.double() - ref) ** 2).mean()))
 
 
-def _sdpa(backend: str):
-    import torch
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    chosen = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-              "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[backend]
-
-    def run(q, k, v, scale):
-        with sdpa_kernel([chosen]):
-            return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
-
-    return run
+def _standard(case, device):
+    q, k, v, _ = case.to_torch(device)
+    return standard_attention(q, k, v, case.scale)
 
 
-def _triton(q, k, v, scale):
-    from flashcheck.kernels.triton_flash import attention
+def _target(name: str):
+    from flashcheck.verify.targets import resolve_target
 
-    return attention(q, k, v, scale=scale)
+    target = resolve_target(name)
+    return lambda case, device: target.run(case, device).out
 
 
 def methods(device: str) -> dict:
-    """name -> callable(q, k, v, scale), or a string saying why it is n/a."""
-    table = {"standard attention (torch, input dtype)": standard_attention}
-    for backend in SDPA_BACKENDS:
-        name = f"torch SDPA {backend}"
-        table[name] = _sdpa(backend) if device == "cuda" or backend == "math" else "n/a on CPU"
-    table["flashcheck Triton kernel"] = _triton
+    """name -> callable(case, device) giving the output, or a string saying why it is n/a."""
+    from flashcheck.verify.targets import SDPA_BACKENDS
+
+    table = {"standard attention (torch, input dtype)": _standard}
+    for target in SDPA_BACKENDS:  # "sdpa-math", "sdpa-flash", ...
+        name = f"torch SDPA {target.removeprefix('sdpa-')}"
+        table[name] = _target(target) if device == "cuda" or target == "sdpa-math" else "n/a on CPU"
+    table["flashcheck Triton kernel"] = _target("triton")
     return table
 
 
@@ -131,16 +134,15 @@ def run_experiment(*, batch, heads, seqlen, head_dim, device, seed, dtypes=("fp1
     unknown = [d for d in dtypes if d not in torch_dtypes]
     if unknown:
         raise ValueError(f"dtypes must be among fp16, bf16; got {unknown}")
-    gen = torch.Generator(device=device).manual_seed(seed)
-    shape = (batch, heads, seqlen, head_dim)
-    raw = [outlier_inputs(shape, generator=gen, device=device) for _ in range(3)]
     scale = 1.0 / math.sqrt(head_dim)
     table = methods(device)
     rmses = {name: {} for name in table}
-    notes, checks = {}, {}
+    notes, checks, outliers = {}, {}, {}
     for dname in dtypes:
-        dt = torch_dtypes[dname]
-        q, k, v = (x.to(dt) for x in raw)  # the quantized inputs every method sees
+        # The quantized inputs every method sees (the same draws for each dtype).
+        case = outlier_case(batch=batch, heads=heads, seqlen=seqlen, head_dim=head_dim, dtype=dname, seed=seed)
+        outliers[dname] = case.tags.get("outliers")
+        q, k, v, _ = case.to_torch(device)
         ref = reference_attention(q, k, v, scale)
         checks[dname] = check_reference(q, k, v, ref, scale)
         log(f"{dname}: reference vs oracle on one head: max |diff| {checks[dname]['max_abs_diff']:.3g} "
@@ -151,7 +153,7 @@ def run_experiment(*, batch, heads, seqlen, head_dim, device, seed, dtypes=("fp1
                 notes[name] = fn
                 continue
             try:
-                out = fn(q, k, v, scale)
+                out = fn(case, device)
                 if device == "cuda":
                     torch.cuda.synchronize()
             except Exception as exc:  # a backend that does not support this input
@@ -165,7 +167,7 @@ def run_experiment(*, batch, heads, seqlen, head_dim, device, seed, dtypes=("fp1
     return {
         "setup": {"batch": batch, "heads": heads, "seqlen": seqlen, "head_dim": head_dim, "causal": False,
                   "scale": scale, "seed": seed, "distribution": "N(0,1) + N(0,100) * Bernoulli(0.001)",
-                  "device": device},
+                  "magnitude_class": MAGNITUDE, "outliers": outliers, "device": device},
         "paper_fp16": PAPER_FP16, "rmse": rmses, "notes": notes, "reference_check": checks,
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
         "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
@@ -234,5 +236,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     sys.exit(main())

@@ -1,15 +1,18 @@
 """Everything the Triton kernel needs a GPU for, in one run.
 
-1. correctness on the GPU against float64 SDPA, forward and backward, with
-   the error budgets of tests/test_triton_flash.py (max abs error and its
-   ratio to the budget per configuration);
+1. correctness on the GPU, forward and backward, judged the way the property
+   tests judge it: against the certified oracle (`flashcheck.verify.oracle`)
+   within the bound derived from the kernel's declared precision model
+   (`flashcheck.verify.check.judge` for the output and LSE,
+   `flashcheck.verify.check.judge_gradients` for dq, dk, dv); per
+   configuration the max abs error and its ratio to the bound;
 2. a forward sweep of launch configurations (block sizes, warps, stages) at
    B=4, H=32, N=4096, bf16, and the cost of the no-FMA rounding contract;
 3. the benchmark grid of kernels/bench_kernel.py next to SDPA flash/cuDNN.
 
 Usage (from the repository root): python scripts/gpu_kernel_check.py OUTDIR
-[--skip-bench] [--skip-sweep]. Writes check.json, sweep.json, bench.json
-and prints a compact table last.
+[--skip-bench] [--skip-sweep] [--skip-bwd-sweep]. Writes check.json,
+sweep.json, bwd_sweep.json, bench.json and prints a compact table last.
 """
 
 import json
@@ -18,15 +21,16 @@ import sys
 import time
 import traceback
 
-os.environ["TRITON_INTERPRET"] = "0"  # the test module's setdefault must not switch on the interpreter
-sys.path.insert(0, os.getcwd())
-sys.path.insert(0, os.path.join(os.getcwd(), "tests"))
+import numpy as np
+import torch
+import triton
 
-import test_triton_flash as T  # noqa: E402
-import torch  # noqa: E402
-import triton  # noqa: E402
-
-from flashcheck.kernels import bench_kernel, triton_flash  # noqa: E402
+from flashcheck.kernels import bench_kernel, triton_flash
+from flashcheck.kernels.precision import from_float64, to_float64
+from flashcheck.properties.case import Case
+from flashcheck.properties.strategies import qkv
+from flashcheck.verify import oracle
+from flashcheck.verify.check import judge, judge_gradients
 
 CHECKS = [
     # (dtype, tf32, B, H, Hkv, Nq, Nk, D, causal, mask, layout)
@@ -47,52 +51,61 @@ CHECKS = [
 ]
 
 
-def run_check(dtype, tf32, B, H, Hkv, Nq, Nk, D, causal, mask_kind, layout, seed):
-    tdt = T.DTYPES[dtype]
-    q, k, v = T.make(B, H, Hkv, Nq, Nk, D, tdt, layout=layout, seed=seed, requires_grad=True)
-    gen = torch.Generator().manual_seed(seed + 1)
-    do = torch.randn((B, H, Nq, D), generator=gen).to(tdt).cuda()
+def make_case(dtype, B, H, Hkv, Nq, Nk, D, causal, mask_kind, layout, seed) -> Case:
+    """The check's inputs as a `Case`: N(0, 1) q, k, v and output gradient,
+    exact in ``dtype``; "bool" masks keep 70 % of the keys and mask row 3
+    fully, "add" masks are N(0, 4) offsets in ``dtype``."""
+    t = qkv(dict(B=B, H=H, Hkv=Hkv, Nq=Nq, Nk=Nk, D=D, Dv=D), dtype, "normal", seed)
+    rng = np.random.default_rng(seed + 1)
+    do = from_float64(rng.standard_normal((B, H, Nq, D)), dtype)
     mask = None
     if mask_kind == "bool":
-        mask = torch.rand((B, 1, Nq, Nk), generator=gen) > 0.3
+        mask = rng.random((B, 1, Nq, Nk)) > 0.3
         mask[:, :, 3] = False  # one fully masked row
-        mask = mask.cuda()
     elif mask_kind == "add":
-        mask = (torch.randn((1, H, Nq, Nk), generator=gen) * 2).to(tdt).cuda()
-    kw = {"attn_mask": mask, "is_causal": causal, "enable_gqa": H != Hkv}
-    out, lse = triton_flash.attention(q, k, v, return_lse=True, allow_tf32=tf32, **kw)
-    out.backward(do)
-    torch.cuda.synchronize()
-    ref, ref_lse, grads, parts = T.reference(q, k, v, do=do, **kw)
+        mask = from_float64(rng.standard_normal((1, H, Nq, Nk)) * 2, dtype)
+    return Case(q=t.q, k=t.k, v=t.v, attn_mask=mask, is_causal=causal, enable_gqa=H != Hkv, layout=layout,
+                mask_kind=mask_kind or "none", do=do, seed=seed)
+
+
+def run_check(dtype, tf32, B, H, Hkv, Nq, Nk, D, causal, mask_kind, layout, seed, device="cuda"):
+    """One row of the correctness table. ``device="cpu"`` runs the same
+    check under Triton's interpreter (TRITON_INTERPRET=1), for tests."""
+    case = make_case(dtype, B, H, Hkv, Nq, Nk, D, causal, mask_kind, layout, seed)
+    q, k, v, mask = case.to_torch(device, requires_grad=True)
+    out, lse = triton_flash.attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=case.enable_gqa,
+                                      return_lse=True, allow_tf32=tf32)
+    out.backward(torch.from_numpy(to_float64(case.do)).to(device=device, dtype=out.dtype))
+    if device == "cuda":
+        torch.cuda.synchronize()
+    model = triton_flash.precision_model(dtype, allow_tf32=tf32, device=device)
+    ref = oracle.attention_case(case, keep=True, with_grad=True)
+    fwd = judge(case, out, lse, model=model, ref=ref)
+    bwd = judge_gradients(case, q.grad, k.grad, v.grad, model=model, out=out, lse=lse, ref=ref)
     res = {"dtype": dtype + ("-tf32" if tf32 else ""), "B": B, "H": H, "Hkv": Hkv, "Nq": Nq, "Nk": Nk, "D": D,
-           "causal": causal, "mask": mask_kind or "-", "layout": layout}
-    finite = all(torch.isfinite(x).all().item() for x in (out, q.grad, k.grad, v.grad))
-    res["finite"] = finite
-    tol = T.out_tolerance(q, k, v, parts, dtype, tf32, device="cuda")
-    res["out_err"], res["out_tol"] = T.max_err(out, ref), tol
-    fin = torch.isfinite(ref_lse)
-    res["lse_err"] = (lse.double() - ref_lse)[fin].abs().max().item()
-    res["lse_inf_ok"] = bool(torch.equal(torch.isfinite(lse), fin))
-    tols = T.grad_tolerances(q, k, v, out, do, parts, dtype, tf32, device="cuda")
-    for name, got, want, t in zip(("dq", "dk", "dv"), (q.grad, k.grad, v.grad), grads, tols):
-        res[name + "_err"], res[name + "_tol"] = T.max_err(got, want.nan_to_num(0.0)), t
-    res["ok"] = finite and res["lse_inf_ok"] and all(res[n + "_err"] <= res[n + "_tol"]
-                                                     for n in ("out", "dq", "dk", "dv"))
+           "causal": causal, "mask": mask_kind or "-", "layout": layout, "model": model.name,
+           "oracle_mp_rows": ref.mp_rows}
+    res["out_err"] = fwd.metrics.max_abs_err if fwd.metrics is not None else float("inf")
+    res["out_ratio"], res["lse_ratio"] = fwd.ratio, fwd.lse_ratio
+    for name in ("dq", "dk", "dv"):
+        res[name + "_err"], res[name + "_ratio"] = bwd.max_errs[name], bwd.ratios[name]
+    res["reason"] = fwd.reason or bwd.reason
+    res["ok"] = fwd.verdict == "pass" and bwd.verdict == "pass"
     return res
 
 
 def check_table(rows):
     lines = [f"{'dtype':9} {'H/Hkv':5} {'Nq':>5} {'Nk':>5} {'D':>4} {'caus':5} {'mask':4} {'layout':10} "
-             f"{'out err':>9} {'/tol':>5} {'dq err':>9} {'/tol':>5} {'dk err':>9} {'/tol':>5} "
-             f"{'dv err':>9} {'/tol':>5} ok"]
+             f"{'out err':>9} {'/bnd':>5} {'dq err':>9} {'/bnd':>5} {'dk err':>9} {'/bnd':>5} "
+             f"{'dv err':>9} {'/bnd':>5} ok"]
     for r in rows:
         if "error" in r:
             lines.append(f"{r['config']}: ERROR {r['error']}")
             continue
-        cells = " ".join(f"{r[n + '_err']:9.2e} {r[n + '_err'] / r[n + '_tol']:5.2f}"
-                         for n in ("out", "dq", "dk", "dv"))
+        cells = " ".join(f"{r[n + '_err']:9.2e} {r[n + '_ratio']:5.2f}" for n in ("out", "dq", "dk", "dv"))
         lines.append(f"{r['dtype']:9} {r['H']}/{r['Hkv']:<3} {r['Nq']:5d} {r['Nk']:5d} {r['D']:4d} "
-                     f"{str(r['causal']):5} {r['mask']:4} {r['layout']:10} {cells} {r['ok']}")
+                     f"{str(r['causal']):5} {r['mask']:4} {r['layout']:10} {cells} {r['ok']}"
+                     + (f"  ({r['reason']})" if r.get("reason") else ""))
     return "\n".join(lines)
 
 

@@ -22,13 +22,28 @@ def _module():
 
 
 def test_outlier_distribution_has_the_papers_variance():
-    import torch
+    from flashcheck.kernels.precision import to_float64
 
-    mod = _module()
-    x = mod.outlier_inputs((1_000_000,), generator=torch.Generator().manual_seed(1), device="cpu")
+    case = _module().outlier_case(batch=1, heads=1, seqlen=1000, head_dim=1000, dtype="fp32", seed=1)
+    assert case.magnitude == "fa3-outliers" and case.scale == 1000 ** -0.5
+    x = to_float64(case.q).ravel()
     # Var = 1 + 100 * 0.001 = 1.1
     assert abs(float(x.var()) - 1.1) < 0.03
-    assert float((x.abs() > 6).double().mean()) > 3e-4  # outliers far beyond N(0,1)'s range exist
+    assert float((abs(x) > 6).mean()) > 3e-4  # outliers far beyond N(0,1)'s range exist
+    assert case.tags["outliers"] > 2000  # about 0.001 * 3e6 over q, k, v
+
+
+def test_one_seed_draws_the_same_values_for_each_dtype():
+    import numpy as np
+
+    from flashcheck.kernels.precision import to_float64
+
+    kw = dict(batch=1, heads=2, seqlen=16, head_dim=8, seed=3)
+    wide = to_float64(_module().outlier_case(dtype="fp32", **kw).v)
+    narrow = to_float64(_module().outlier_case(dtype="fp16", **kw).v)
+    # fp16 is wide's value rounded once more (within half an fp16 ulp, plus the fp32 rounding)
+    assert np.allclose(narrow, wide, rtol=2**-11 + 2**-23, atol=2**-25)
+    assert not np.array_equal(narrow, wide)
 
 
 def test_bad_sizes_are_rejected():

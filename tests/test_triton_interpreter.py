@@ -81,17 +81,39 @@ def test_tf32_is_ignored_by_the_interpreter():
     assert torch.equal(_dot(a, b, upcast=False, prec="ieee"), a)
 
 
-def test_exp2_within_one_ulp_of_correct_rounding():
+#: The documented worst case the CPU precision model assumes for NumPy's
+#: float32 exp2 (4 ulp: NumPy's SVML code, numpy/numpy#19478; glibc: 1 ulp).
+#: A host's own rounding is not asserted: one Xeon was 2 ulp off where this
+#: machine is exact. See docs/error-bounds.md, "exp on the CPU path".
+EXP2_ULPS = 4
+FP32_SUBNORMAL_SPACING = 2.0**-149
+
+
+def test_exp2_within_documented_worst_case():
+    from flashcheck.kernels.triton_flash import precision_model
+
     x = np.linspace(-140.0, 10.0, 4090).astype(np.float32)
-    x = np.concatenate([x, np.float32([0.0, -0.5, -1e-7, -126.0, -149.0, -148.0])])
+    sub = np.linspace(-149.0, -126.0, 4095).astype(np.float32)  # subnormal results; 8192 points in all
+    x = np.concatenate([x, sub, np.float32([0.0, -0.5, -1e-7, -126.0, -126.023476, -148.0, -149.0])])
     y = torch.empty(x.size, dtype=torch.float32)
     _exp2_kernel[(1,)](torch.from_numpy(x), y, N=x.size)
     got = y.numpy().astype(np.float64)
-    want = round_to(np.exp2(x.astype(np.float64)), "fp32")
-    ulp = np.spacing(np.abs(want).astype(np.float32)).astype(np.float64)
-    assert np.all(np.abs(got - want) <= ulp), "interpreter exp2 is off by more than 1 ulp"
+    # float64 exp2 is within a few float64 ulps: exact for this purpose (2**-50 relative).
+    exact = np.exp2(x.astype(np.float64))
+    normal = exact >= 2.0**-126
+    # Normal results: a relative error of EXP2_ULPS ulps (ulp <= 2**-23 |y|).
+    rel = np.abs(got - exact)[normal] / exact[normal]
+    assert rel.max() <= EXP2_ULPS * 2.0**-23, f"exp2 relative error {rel.max():.3g} beyond {EXP2_ULPS} ulp"
+    # Subnormal results: an absolute error of EXP2_ULPS subnormal spacings.
+    err = np.abs(got - exact)[~normal]
+    assert err.max() <= EXP2_ULPS * FP32_SUBNORMAL_SPACING, f"exp2 subnormal error {err.max():.3g}"
     # Subnormal results are kept (the GPU's ex2.approx.ftz.f32 flushes them to 0).
-    assert got[-2] == 2.0**-149 and got[-1] == 2.0**-148
+    assert got[-2] > 0 and got[-1] > 0
+    # The CPU model covers this worst case: the relative part through
+    # exp_rel_err, the absolute part through the bounds' 2**-126 exp2 term.
+    model = precision_model("fp32", device="cpu")
+    assert model.exp_impl == "exp2" and model.exp_rel_err >= EXP2_ULPS * 2.0**-23
+    assert EXP2_ULPS * FP32_SUBNORMAL_SPACING <= 2.0**-126
 
 
 def test_exp2_of_minus_inf_is_zero():

@@ -25,8 +25,10 @@ from flashcheck.properties.case import Case
 from flashcheck.verify import metrics as _metrics
 from flashcheck.verify import oracle as _oracle
 from flashcheck.verify.bounds import Bound, attention_bound
+from flashcheck.verify.grad_bounds import GradBound, gradient_bound
 
-__all__ = ["CaseResult", "Judgement", "baseline_error", "judge", "run_case"]
+__all__ = ["CaseResult", "GradJudgement", "Judgement", "baseline_error", "error_ratio", "judge", "judge_gradients",
+           "run_case"]
 
 
 @dataclass
@@ -81,6 +83,73 @@ def _ratio(err: np.ndarray, allowed: np.ndarray) -> tuple[float, tuple]:
         return 0.0, ()
     idx = np.unravel_index(int(np.argmax(r)), r.shape)
     return float(r[idx]), tuple(int(i) for i in idx)
+
+
+def error_ratio(got, ref, allowed) -> float:
+    """max over elements of |got - ref| / allowed, computed in float64.
+
+    An element with allowed == 0 counts 0 when exact and inf otherwise; a
+    NaN error counts inf; no elements give 0. Inputs: NumPy arrays or torch
+    tensors of any float format, broadcastable together.
+    """
+    got, ref, allowed = (to_float64(a) for a in (got, ref, allowed))
+    err = np.abs(got - ref)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.where(allowed > 0, err / allowed, np.where(err > 0, np.inf, 0.0))
+    r = np.where(np.isnan(err), np.inf, r)
+    return float(np.max(r, initial=0.0))
+
+
+@dataclass
+class GradJudgement:
+    verdict: str  # "pass" or "fail"
+    reason: str | None
+    ratios: dict  # "dq", "dk", "dv" -> max |err| / (bound + oracle error) where the bound is finite
+    max_errs: dict  # "dq", "dk", "dv" -> max |err| where the bound is finite
+    bound: GradBound
+
+
+def judge_gradients(case: Case, dq, dk, dv, *, model: PrecisionModel, out, lse, ref=None) -> GradJudgement:
+    """Verdict on a target's gradients for ``case`` under ``model``.
+
+    ``case.do`` is the output gradient the target was given; ``out`` and
+    ``lse`` are what the target's forward saved (its backward reads them,
+    so the bound is taken around them). The pass rule, per gradient: every
+    element where the bound is finite is finite and within
+    `flashcheck.verify.grad_bounds.gradient_bound` plus the oracle's
+    certified error. Where the bound is infinite the model does not apply
+    (overflow): nothing is asserted there. ``ref``: the oracle's result with
+    gradients and intermediates (``keep=True``), to save recomputing it.
+    Finite inputs only (the gradient semantics of NaN/Inf are not judged).
+    """
+    if not isinstance(case, Case):
+        raise TypeError(f"judge_gradients needs a flashcheck.properties.case.Case, got {type(case).__name__}")
+    if not isinstance(model, PrecisionModel):
+        raise TypeError(f"model must be a PrecisionModel, got {type(model).__name__}")
+    if case.do is None:
+        raise ValueError("judge_gradients needs case.do, the output gradient")
+    if _nonfinite_inputs(case):
+        raise ValueError("judge_gradients is defined for finite inputs only")
+    if ref is None or ref.s is None or getattr(ref, "dq", None) is None:
+        ref = _oracle.attention_case(case, keep=True, with_grad=True)
+    bound = gradient_bound(ref, model, dout=case.do, out_target=to_float64(out), lse_target=to_float64(lse),
+                           attn_mask=case.attn_mask)
+    ratios, max_errs, reason = {}, {}, None
+    for name, got in (("dq", dq), ("dk", dk), ("dv", dv)):
+        g, exact = to_float64(got), getattr(ref, name)
+        b, e = getattr(bound, name), getattr(ref, name + "_err_bound")
+        if g.shape != exact.shape:
+            ratios[name], max_errs[name] = np.inf, np.inf
+            reason = reason or f"{name} shape {g.shape}, expected {exact.shape}"
+            continue
+        fin = np.isfinite(b)
+        ratios[name] = error_ratio(g[fin], exact[fin], b[fin] + e[fin])
+        max_errs[name] = float(np.max(np.abs(g[fin] - exact[fin]), initial=0.0))
+        if not np.isfinite(g[fin]).all():
+            reason = reason or f"{name}: non-finite gradient where the model has no overflow"
+        elif not ratios[name] <= 1:
+            reason = reason or f"{name}: error/bound {ratios[name]:.3g} under model {model.name}"
+    return GradJudgement("fail" if reason else "pass", reason, ratios, max_errs, bound)
 
 
 def _nonfinite_inputs(case: Case) -> bool:

@@ -26,7 +26,7 @@ from flashcheck.kernels.models import GPU_SUFFIX, check_model_name, default_mode
 from flashcheck.kernels.precision import PrecisionModel, format_of, from_float64
 from flashcheck.properties.case import Case
 
-__all__ = ["BUILTIN_TARGETS", "Target", "TargetError", "TargetOutput", "resolve_target"]
+__all__ = ["BUILTIN_TARGETS", "SDPA_BACKENDS", "Target", "TargetError", "TargetOutput", "resolve_target"]
 
 BUILTIN_TARGETS = ("triton", "numpy-tiled", "sdpa-math", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "flash-attn")
 
@@ -107,7 +107,9 @@ def _numpy_tiled(model_name: str | None):
     return run
 
 
-_SDPA_BACKENDS = {
+#: Target name -> the ``torch.nn.attention.SDPBackend`` member it forces
+#: (by name, so that importing this module needs no torch).
+SDPA_BACKENDS = {
     "sdpa-math": "MATH",
     "sdpa-flash": "FLASH_ATTENTION",
     "sdpa-efficient": "EFFICIENT_ATTENTION",
@@ -198,8 +200,8 @@ def resolve_target(spec: str, model_name: str | None = None) -> Target:
         return Target(spec, _run_triton, _triton_model, model_name)
     if spec == "numpy-tiled":
         return Target(spec, _numpy_tiled(model_name), None, model_name)
-    if spec in _SDPA_BACKENDS:
-        return Target(spec, _sdpa(_SDPA_BACKENDS[spec]), _sdpa_model, model_name)
+    if spec in SDPA_BACKENDS:
+        return Target(spec, _sdpa(SDPA_BACKENDS[spec]), _sdpa_model, model_name)
     if spec == "flash-attn":
         try:
             importlib.import_module("flash_attn")
