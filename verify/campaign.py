@@ -200,21 +200,26 @@ class _Planner:
         self.worst: list = []  # (ratio, plan), the highest first, one entry per plan
         self.turn = 0
 
-    def owners(self) -> list[str]:
-        return [n for n in self.names if not self.caps[n].everything]
-
     def next_plan(self, index: int):
-        owners = self.owners()
+        """The plan of case ``index`` and how it was chosen ("dealt" or "exploit").
+
+        Shards deal every index in the same order, with neither learnt
+        declines nor exploitation (both depend on what one shard saw), so
+        that they partition one campaign; their targets still skip the
+        plans they learnt to decline.
+        """
+        sharded = self.cfg.shard[1] > 1
+        owners = self.names if sharded else [n for n in self.names if not self.caps[n].everything]
         if not owners:
             return None, None
         owner = owners[self.turn % len(owners)]
         self.turn += 1
-        period = round(1 / self.cfg.exploit) if self.cfg.exploit > 0 else 0
+        period = round(1 / self.cfg.exploit) if self.cfg.exploit > 0 and not sharded else 0
         if period and index % period == period - 1 and self.worst:
             plan = self.worst[(index // period) % len(self.worst)][1]
             if not self.caps[owner].declines(plan):
                 return plan, "exploit"
-        return self.dealers[owner].deal(avoid=self.caps[owner].rules), "dealt"
+        return self.dealers[owner].deal(avoid=() if sharded else self.caps[owner].rules), "dealt"
 
     def record(self, plan, ratio: float | None):
         if ratio is None or not math.isfinite(ratio) or plan is None:
@@ -281,11 +286,9 @@ def run_campaign(cfg: CampaignConfig) -> CampaignResult:
         raw = data.draw(plan_choices, label="choices")
         index = counter["n"]
         counter["n"] += 1
-        if index % cfg.shard[1] != cfg.shard[0]:
-            return
         plan, how = planner.next_plan(index)
-        if plan is None:  # every target declines everything we can build
-            return
+        if plan is None or index % cfg.shard[1] != cfg.shard[0]:
+            return  # another shard's case, or every target declines everything we can build
         case = build(plan, raw)
         case.tags["drawn"] = how
         ref = None
