@@ -39,13 +39,12 @@ torch.Size([1, 2, 5, 16])
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from flashcheck.kernels.precision import PrecisionModel
+from flashcheck.kernels.sdpa_args import SdpaArgs, check_sdpa_args
 
 __all__ = ["attention", "precision_model", "default_blocks", "is_interpreted", "MAX_HEAD_DIM"]
 
@@ -57,7 +56,7 @@ LN2 = 0.6931471805599453
 #: relative error of at most 2 * 2**-23 beyond the rounding of the result.
 EX2_APPROX_REL_ERR = 2.0**-22
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_FORMATS = ("fp16", "bf16", "fp32")  # the input dtypes the kernel supports
 
 
 @triton.jit
@@ -486,16 +485,21 @@ def _check_block(name: str, value, on_cpu: bool):
         raise ValueError(f"{name} must be a power of two in [{least}, 256] {where}, got {value}")
 
 
-def _validate(q, k, v, attn_mask, is_causal, scale, enable_gqa, block_m, block_n, allow_tf32):
+def _validate(q, k, v, attn_mask, is_causal, scale, enable_gqa, block_m, block_n, allow_tf32) -> SdpaArgs:
+    """The shared SDPA checks, then what only this kernel needs: torch
+    tensors on one CUDA device (or the CPU under the interpreter), fp16,
+    bf16 or fp32, Dv == D <= MAX_HEAD_DIM, and valid block sizes."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must have rank 4 (B, H, N, D), got shape {tuple(t.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.dtype not in _DTYPES:
-        raise TypeError(f"unsupported dtype {q.dtype}; expected float16, bfloat16 or float32")
+    if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+    args = check_sdpa_args(q, k, v, attn_mask, is_causal, scale, enable_gqa, formats=_FORMATS)
+    if args.Dv != args.D:
+        raise ValueError(f"v's head dim {args.Dv} differs from q's and k's {args.D}; this kernel needs "
+                         f"Dv == D (pad v or use another backend)")
+    if args.D > MAX_HEAD_DIM:
+        raise ValueError(f"head dim must be in [1, {MAX_HEAD_DIM}] for this kernel, got {args.D}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if q.device.type not in ("cpu", "cuda"):
@@ -505,53 +509,14 @@ def _validate(q, k, v, attn_mask, is_causal, scale, enable_gqa, block_m, block_n
                          "flashcheck.kernels.triton_flash")
     if q.device.type == "cuda" and is_interpreted():
         raise ValueError("the kernels were loaded under TRITON_INTERPRET=1; pass CPU tensors")
-    B, H, Nq, D = q.shape
-    Bk, Hkv, Nk, Dk = k.shape
-    if k.shape != v.shape:
-        raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
-    if Bk != B:
-        raise ValueError(f"batch sizes differ: q has {B}, k/v have {Bk}")
-    if Dk != D:
-        raise ValueError(f"head dims differ: q has {D}, k/v have {Dk} (v must share q's head dim)")
-    if D < 1 or D > MAX_HEAD_DIM:
-        raise ValueError(f"head dim must be in [1, {MAX_HEAD_DIM}], got {D}")
-    if B < 1 or H < 1 or Hkv < 1 or Nq < 1 or Nk < 1:
-        raise ValueError(f"empty dimension: q {tuple(q.shape)}, k {tuple(k.shape)}")
-    if H != Hkv:
-        if not enable_gqa:
-            raise ValueError(f"q has {H} heads but k/v have {Hkv}; pass enable_gqa=True for GQA/MQA")
-        if H % Hkv:
-            raise ValueError(f"q heads ({H}) must be a multiple of k/v heads ({Hkv}) for GQA")
-    if not isinstance(is_causal, bool):
-        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
-    if attn_mask is not None:
-        if is_causal:
-            raise ValueError("pass either attn_mask or is_causal=True, not both")
-        if not isinstance(attn_mask, torch.Tensor):
-            raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
-        if attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
-            raise TypeError(f"attn_mask must be bool or {q.dtype} (the query dtype), got {attn_mask.dtype}")
-        if attn_mask.device != q.device:
-            raise ValueError(f"attn_mask is on {attn_mask.device}, q on {q.device}")
-        if attn_mask.dim() > 4:
-            raise ValueError(f"attn_mask has rank {attn_mask.dim()}; at most 4 is allowed")
-        try:
-            shape = torch.broadcast_shapes(attn_mask.shape, (B, H, Nq, Nk))
-        except RuntimeError:
-            shape = None
-        if shape != torch.Size((B, H, Nq, Nk)):
-            raise ValueError(f"attn_mask shape {tuple(attn_mask.shape)} does not broadcast to "
-                             f"(B, H, Nq, Nk) = {(B, H, Nq, Nk)}")
-    if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-            raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
-        if not math.isfinite(scale) or scale <= 0:
-            raise ValueError(f"scale must be finite and positive, got {scale}")
+    if attn_mask is not None and attn_mask.device != q.device:
+        raise ValueError(f"attn_mask is on {attn_mask.device}, q on {q.device}; move it to q's device")
     if allow_tf32 is not None and not isinstance(allow_tf32, bool):
         raise TypeError(f"allow_tf32 must be a bool or None, got {type(allow_tf32).__name__}")
     on_cpu = q.device.type == "cpu"
     _check_block("block_m", block_m, on_cpu)
     _check_block("block_n", block_n, on_cpu)
+    return args
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
@@ -736,12 +701,12 @@ def attention(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=F
     >>> attention(q, kv, kv, enable_gqa=True).shape   # doctest: +SKIP
     torch.Size([1, 4, 3, 16])
     """
-    _validate(q, k, v, attn_mask, is_causal, scale, enable_gqa, block_m, block_n, allow_tf32)
+    args = _validate(q, k, v, attn_mask, is_causal, scale, enable_gqa, block_m, block_n, allow_tf32)
     if allow_tf32 is None:
         allow_tf32 = bool(torch.backends.cuda.matmul.allow_tf32)
-    sm_scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-    out, lse2 = _FlashAttention.apply(q, k, v, attn_mask, is_causal, sm_scale, block_m, block_n, allow_tf32)
+    out, lse2 = _FlashAttention.apply(q, k, v, attn_mask, args.is_causal, args.scale, block_m, block_n,
+                                      allow_tf32)
     if return_lse:
         return out, lse2 * LN2
     return out
