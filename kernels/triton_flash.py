@@ -141,14 +141,20 @@ def _store_rows(base, x, offs_r, offs_d, stride_r, N, D: tl.constexpr):
 
 
 @triton.jit
-def _apply_mask(t, mask_base, offs_r, offs_c, stride_r, stride_c, N_r, N_c, MASK_BOOL: tl.constexpr):
-    """The mask tile at rows ``offs_r``, columns ``offs_c`` applied to base-2
-    logits ``t``: bool masks set hidden entries to -inf, additive masks add
-    fl32(mask * log2 e). Out-of-range entries read 0 (the caller hides them).
-    The forward and dq kernels pass (queries, keys) with (stride_mq,
-    stride_mk); the dk/dv kernel, which holds t transposed, (keys, queries)."""
-    mval = tl.load(mask_base + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c,
-                   mask=(offs_r[:, None] < N_r) & (offs_c[None, :] < N_c), other=0)
+def _apply_mask(t, mask_base, offs_m, offs_n, stride_mq, stride_mk, Nq, Nk,
+                MASK_BOOL: tl.constexpr, TRANS: tl.constexpr):
+    """The mask tile of queries ``offs_m`` and keys ``offs_n`` applied to the
+    base-2 logits ``t``: (queries, keys), or (keys, queries) when TRANS (the
+    dk/dv kernel). Bool masks set hidden entries to -inf; additive masks add
+    fl32(mask * log2 e). Out-of-range entries read 0 (callers hide them).
+    The pointer sums keep the order each layout had before (the compiler
+    does not reassociate them, and the other order costs 64-bit adds)."""
+    if TRANS:
+        mval = tl.load(mask_base + offs_m[None, :] * stride_mq + offs_n[:, None] * stride_mk,
+                       mask=(offs_m[None, :] < Nq) & (offs_n[:, None] < Nk), other=0)
+    else:
+        mval = tl.load(mask_base + offs_m[:, None] * stride_mq + offs_n[None, :] * stride_mk,
+                       mask=(offs_m[:, None] < Nq) & (offs_n[None, :] < Nk), other=0)
     if MASK_BOOL:
         t = tl.where(mval != 0, t, float("-inf"))
     else:
@@ -198,7 +204,7 @@ def _fwd_inner(
         s = tl.dot(q, kt, input_precision=IN_PREC)
         t = s * c
         if HAS_MASK:
-            t = _apply_mask(t, mask_base, offs_m, offs_n, stride_mq, stride_mk, Nq, Nk, MASK_BOOL)
+            t = _apply_mask(t, mask_base, offs_m, offs_n, stride_mq, stride_mk, Nq, Nk, MASK_BOOL, False)
         if CAUSAL:
             t = tl.where(offs_n[None, :] <= offs_m[:, None], t, float("-inf"))
         if BOUNDS:
@@ -347,7 +353,7 @@ def _bwd_dkdv_kernel(
             lse2, delta = _load_row_stats(Lse2, Delta, row_base, offs_m, Nq)
             tt = tl.dot(k, tl.trans(q), input_precision=IN_PREC) * c  # (BLOCK_N, BLOCK_M)
             if HAS_MASK:
-                tt = _apply_mask(tt, mask_base, offs_n, offs_m, stride_mk, stride_mq, Nk, Nq, MASK_BOOL)
+                tt = _apply_mask(tt, mask_base, offs_m, offs_n, stride_mq, stride_mk, Nq, Nk, MASK_BOOL, True)
             if CAUSAL:
                 tt = tl.where(offs_n[:, None] <= offs_m[None, :], tt, float("-inf"))
             tt = tl.where((offs_n[:, None] < Nk) & (offs_m[None, :] < Nq), tt, float("-inf"))
@@ -402,7 +408,7 @@ def _bwd_dq_kernel(
         v = _load_rows(v_base, offs_n, offs_d, stride_vn, Nk, D, UPCAST)
         t = tl.dot(q, tl.trans(k), input_precision=IN_PREC) * c
         if HAS_MASK:
-            t = _apply_mask(t, mask_base, offs_m, offs_n, stride_mq, stride_mk, Nq, Nk, MASK_BOOL)
+            t = _apply_mask(t, mask_base, offs_m, offs_n, stride_mq, stride_mk, Nq, Nk, MASK_BOOL, False)
         if CAUSAL:
             t = tl.where(offs_n[None, :] <= offs_m[:, None], t, float("-inf"))
         t = tl.where((offs_n[None, :] < Nk) & (offs_m[:, None] < Nq), t, float("-inf"))
