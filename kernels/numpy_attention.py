@@ -72,6 +72,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from flashcheck.kernels.precision import PrecisionModel, format_of, round_to, to_float64
+from flashcheck.kernels.sdpa_args import (
+    check_array,
+    check_finite,
+    check_float_dtype,
+    check_mask_values,
+    check_sdpa_args,
+    is_array,
+)
 
 __all__ = [
     "State",
@@ -132,12 +140,6 @@ def _check_model(model):
         raise TypeError(f"model must be a PrecisionModel or None, got {type(model).__name__}")
 
 
-def _check_bool(value, name):
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
-    return bool(value)
-
-
 def _check_block(value, name):
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be a positive integer, got {type(value).__name__} {value!r}")
@@ -147,19 +149,17 @@ def _check_block(value, name):
 
 
 def _is_tensor(x) -> bool:
-    return hasattr(x, "detach") and hasattr(x, "dtype")
+    return is_array(x) and not isinstance(x, np.ndarray)
 
 
 def _as_exact(x, name, model, field="input"):
     """(float64 values, format name) of a NumPy array or torch tensor of a
     floating dtype; checks values are finite and representable in the
     model's ``field`` format."""
-    if not (isinstance(x, np.ndarray) or _is_tensor(x)):
-        raise TypeError(f"{name} must be a NumPy array or torch tensor, got {type(x).__name__}")
-    fmt = format_of(x.dtype)  # ValueError for int, bool, complex ...
+    check_array(x, name)
+    fmt = format_of(check_float_dtype(x, name))
     values = to_float64(x)
-    if not np.all(np.isfinite(values)):
-        raise ValueError(f"{name} contains NaN or inf; the emulation is defined for finite inputs")
+    check_finite(values, name)  # the emulation is defined for finite inputs
     if model is not None:
         target = getattr(model, field)
         if not np.array_equal(round_to(values, target), values):
@@ -172,9 +172,8 @@ def _as_exact(x, name, model, field="input"):
 
 def _check_logits(x, axis, model):
     """float64 copy of ``x`` with ``axis`` moved last."""
-    if not (isinstance(x, np.ndarray) or _is_tensor(x)):
-        raise TypeError(f"x must be a NumPy array or torch tensor, got {type(x).__name__}")
-    format_of(x.dtype)
+    check_array(x, "x")
+    check_float_dtype(x, "x")
     values = to_float64(x)
     if values.ndim == 0:
         raise ValueError("x must have at least one dimension")
@@ -187,17 +186,6 @@ def _check_logits(x, axis, model):
     if model is not None and not np.array_equal(round_to(values, model.logits), values):
         raise ValueError(f"x has values not representable in model.logits = {model.logits!r}")
     return np.moveaxis(values, axis, -1)
-
-
-def _check_scale(scale, d, model):
-    if scale is None:
-        scale = 1.0 / math.sqrt(d) if d > 0 else 1.0
-    elif isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__} {scale!r}")
-    scale = float(scale)
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be finite and positive, got {scale}")
-    return scale  # exact; the kernel's one rounding happens where it is folded in
 
 
 @dataclass
@@ -218,71 +206,31 @@ class _Problem:
 
 def _prepare(q, k, v, attn_mask, is_causal, scale, enable_gqa, model) -> _Problem:
     _check_model(model)
-    is_causal = _check_bool(is_causal, "is_causal")
-    enable_gqa = _check_bool(enable_gqa, "enable_gqa")
-    qf, q_fmt = _as_exact(q, "q", model)
-    kf, k_fmt = _as_exact(k, "k", model)
-    vf, v_fmt = _as_exact(v, "v", model)
-    if not q_fmt == k_fmt == v_fmt:
-        raise TypeError(f"q, k, v must share one dtype, got {q_fmt}, {k_fmt}, {v_fmt}")
-    for name, arr in (("q", qf), ("k", kf), ("v", vf)):
-        if arr.ndim != 4:
-            raise ValueError(f"{name} must have rank 4 (B, H, N, D), got shape {arr.shape}")
-    B, H, Nq, D = qf.shape
-    Bk, Hkv, Nk, Dk = kf.shape
-    Bv, Hv, Nv, Dv = vf.shape
-    if not B == Bk == Bv:
-        raise ValueError(f"batch sizes differ: q {B}, k {Bk}, v {Bv}")
-    if Dk != D:
-        raise ValueError(f"head dims differ: q has D={D}, k has D={Dk}")
-    if Hv != Hkv:
-        raise ValueError(f"k and v have different numbers of heads: {Hkv} and {Hv}")
-    if Nv != Nk:
-        raise ValueError(f"k and v have different lengths: {Nk} and {Nv} keys")
-    if H != Hkv:
-        if not enable_gqa:
-            raise ValueError(f"q has {H} heads but k, v have {Hkv}; pass enable_gqa=True for GQA/MQA")
-        if Hkv == 0 or H % Hkv != 0:
-            raise ValueError(f"GQA needs the {H} query heads to be a multiple of the {Hkv} kv heads")
-        kf = np.repeat(kf, H // Hkv, axis=1)  # query head h reads kv head h // (H // Hkv)
-        vf = np.repeat(vf, H // Hkv, axis=1)
+    # Shapes, dtypes, flags, GQA, scale, mask shape and dtype: the shared SDPA
+    # rules; sizes of 0 are allowed here (empty results, no kernel launch).
+    args = check_sdpa_args(q, k, v, attn_mask, is_causal, scale, enable_gqa, allow_empty=True)
+    qf, _ = _as_exact(q, "q", model)
+    kf, _ = _as_exact(k, "k", model)
+    vf, _ = _as_exact(v, "v", model)
+    if args.groups > 1:
+        kf = np.repeat(kf, args.groups, axis=1)  # query head h reads kv head h // groups
+        vf = np.repeat(vf, args.groups, axis=1)
     if model is not None and model.tf32:
         qf, kf, vf = (round_to(a, "tf32") for a in (qf, kf, vf))
-
     mask = None
     if attn_mask is not None:
-        if is_causal:
-            raise ValueError("attn_mask and is_causal=True cannot both be given (as in SDPA)")
-        mask = _prepare_mask(attn_mask, q_fmt, (B, H, Nq, Nk))
-    return _Problem(qf, kf, vf, mask, is_causal, _check_scale(scale, D, model))
+        mask = _mask_values(attn_mask, args.mask, args.target_shape)
+    return _Problem(qf, kf, vf, mask, args.is_causal, args.scale)
 
 
-def _prepare_mask(attn_mask, q_fmt, target):
-    if not (isinstance(attn_mask, np.ndarray) or _is_tensor(attn_mask)):
-        raise TypeError(f"attn_mask must be a NumPy array or torch tensor, got {type(attn_mask).__name__}")
-    if str(attn_mask.dtype) in ("bool", "torch.bool"):
+def _mask_values(attn_mask, kind, target):
+    """A checked mask's values broadcast to ``target``: bool, or float64 additive."""
+    if kind == "bool":
         values = attn_mask.detach().cpu().numpy() if _is_tensor(attn_mask) else attn_mask
-        values = values.astype(bool)
-    else:
-        try:
-            fmt = format_of(attn_mask.dtype)
-        except (TypeError, ValueError):
-            raise TypeError(
-                f"attn_mask must be bool or floating point, got dtype {attn_mask.dtype}"
-            ) from None
-        if fmt.name != q_fmt:
-            raise TypeError(f"a float attn_mask must have the query dtype {q_fmt}, got {fmt.name}")
-        values = to_float64(attn_mask)
-        if np.any(np.isnan(values)) or np.any(values == np.inf):
-            raise ValueError("attn_mask contains NaN or +inf; additive masks may hold finite values and -inf")
-    try:
-        if values.ndim > 4:
-            raise ValueError
-        return np.broadcast_to(values, target)
-    except ValueError:
-        raise ValueError(
-            f"attn_mask of shape {values.shape} does not broadcast to (B, H, Nq, Nk) = {target}"
-        ) from None
+        return np.broadcast_to(values.astype(bool), target)
+    values = to_float64(attn_mask)
+    check_mask_values(values)
+    return np.broadcast_to(values, target)
 
 
 def _key_positions(keys, nk):

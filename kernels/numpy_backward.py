@@ -66,7 +66,8 @@ from flashcheck.kernels.numpy_attention import (
     _prepare,
     _tile_logits,
 )
-from flashcheck.kernels.precision import format_of, round_to, to_float64
+from flashcheck.kernels.precision import round_to, to_float64
+from flashcheck.kernels.sdpa_args import check_array, check_float_dtype
 
 __all__ = ["attention_backward"]
 
@@ -89,9 +90,8 @@ def _check_saved(out, lse, do, q_shape, dv, model):
         if arr.shape != (B, H, Nq, dv):
             raise ValueError(f"{name} must have the output's shape (B, H, Nq, Dv) = {(B, H, Nq, dv)}, "
                              f"got {arr.shape}")
-    if not (isinstance(lse, np.ndarray) or (hasattr(lse, "detach") and hasattr(lse, "dtype"))):
-        raise TypeError(f"lse must be a NumPy array or torch tensor, got {type(lse).__name__}")
-    format_of(lse.dtype)
+    check_array(lse, "lse")
+    check_float_dtype(lse, "lse")
     l64 = to_float64(lse)
     if l64.shape != (B, H, Nq):
         raise ValueError(f"lse must have shape (B, H, Nq) = {(B, H, Nq)}, got {l64.shape}")

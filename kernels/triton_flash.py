@@ -39,14 +39,13 @@ torch.Size([1, 2, 5, 16])
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from flashcheck.kernels.models import EX2_APPROX_REL_ERR, INTERP_EXP2_REL_ERR
 from flashcheck.kernels.precision import PrecisionModel
+from flashcheck.kernels.sdpa_args import SdpaArgs, check_sdpa_args
 
 __all__ = ["attention", "precision_model", "default_blocks", "is_interpreted", "MAX_HEAD_DIM"]
 
@@ -54,7 +53,7 @@ MAX_HEAD_DIM = 256
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_FORMATS = ("fp16", "bf16", "fp32")  # the input dtypes the kernel supports
 
 
 @triton.jit
@@ -89,6 +88,88 @@ def _to_p(x, P_DTYPE: tl.constexpr, UPCAST: tl.constexpr, RN_BF16: tl.constexpr)
 
 
 # --------------------------------------------------------------------------
+# prologue helpers shared by the kernels (inlined by the compiler)
+# --------------------------------------------------------------------------
+@triton.jit
+def _program_heads(H, GROUP):
+    """(pid_bh, b, h, hk) of this program: grid axis 1 runs over B * H, so
+    batch b = pid_bh // H and head h = pid_bh % H; hk = h // GROUP is the kv
+    head that query head h reads (GQA), h itself when GROUP is 1."""
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    return pid_bh, b, h, h // GROUP
+
+
+@triton.jit
+def _head_offset(b, h, stride_b, stride_h):
+    """Element offset of the (N, D) slab of batch b, head h, in int64: b and
+    h are int32 and b * stride_b alone overflows int32 for tensors of more
+    than 2**31 elements. Offsets inside a slab (row * stride_n + col) stay
+    int32, as a slab of 2**31 elements is out of reach of one program."""
+    return b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+
+
+@triton.jit
+def _row_offset(bh, Nq):
+    """Offset of row 0 of head ``bh`` (= b * H + h) in a contiguous
+    (B, H, Nq) fp32 tensor (the LSE, Delta), in int64 for the same reason."""
+    return bh.to(tl.int64) * Nq
+
+
+@triton.jit
+def _load_rows(base, offs_r, offs_d, stride_r, N, D: tl.constexpr, UPCAST: tl.constexpr):
+    """The rows ``offs_r`` of an (N, D) slab with row stride ``stride_r`` and
+    unit column stride, as a (len(offs_r), len(offs_d)) tile: rows >= N and
+    columns >= D (head-dim padding) read 0. Widened to fp32 if UPCAST."""
+    x = tl.load(base + offs_r[:, None] * stride_r + offs_d[None, :],
+                mask=(offs_r[:, None] < N) & (offs_d[None, :] < D), other=0.0)
+    if UPCAST:
+        x = _f32(x)
+    return x
+
+
+@triton.jit
+def _store_rows(base, x, offs_r, offs_d, stride_r, N, D: tl.constexpr):
+    """Store the tile ``x`` (already in the output dtype) where `_load_rows`
+    would read it; rows >= N and columns >= D are left alone."""
+    tl.store(base + offs_r[:, None] * stride_r + offs_d[None, :], x,
+             mask=(offs_r[:, None] < N) & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _apply_mask(t, mask_base, offs_m, offs_n, stride_mq, stride_mk, Nq, Nk,
+                MASK_BOOL: tl.constexpr, TRANS: tl.constexpr):
+    """The mask tile of queries ``offs_m`` and keys ``offs_n`` applied to the
+    base-2 logits ``t``: (queries, keys), or (keys, queries) when TRANS (the
+    dk/dv kernel). Bool masks set hidden entries to -inf; additive masks add
+    fl32(mask * log2 e). Out-of-range entries read 0 (callers hide them).
+    The pointer sums keep the order each layout had before (the compiler
+    does not reassociate them, and the other order costs 64-bit adds)."""
+    if TRANS:
+        mval = tl.load(mask_base + offs_m[None, :] * stride_mq + offs_n[:, None] * stride_mk,
+                       mask=(offs_m[None, :] < Nq) & (offs_n[:, None] < Nk), other=0)
+    else:
+        mval = tl.load(mask_base + offs_m[:, None] * stride_mq + offs_n[None, :] * stride_mk,
+                       mask=(offs_m[:, None] < Nq) & (offs_n[None, :] < Nk), other=0)
+    if MASK_BOOL:
+        t = tl.where(mval != 0, t, float("-inf"))
+    else:
+        t = t + _f32(mval) * 1.4426950408889634
+    return t
+
+
+@triton.jit
+def _load_row_stats(Lse2, Delta, row_base, offs_m, Nq):
+    """(lse2, delta) of query rows ``offs_m``; a fully masked row's lse2 of
+    -inf reads as 0, so that its p = exp2(-inf - 0) = 0 rather than NaN."""
+    lse2 = tl.load(Lse2 + row_base + offs_m, mask=offs_m < Nq, other=0.0)
+    lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)
+    delta = tl.load(Delta + row_base + offs_m, mask=offs_m < Nq, other=0.0)
+    return lse2, delta
+
+
+# --------------------------------------------------------------------------
 # forward kernel
 # --------------------------------------------------------------------------
 @triton.jit
@@ -105,6 +186,7 @@ def _fwd_inner(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kt_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None]
         v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
+        # Unmasked loads where the tile is known to be in range (the hot loop).
         if BOUNDS:
             kt = tl.load(kt_ptrs, mask=(offs_n[None, :] < Nk) & (offs_d[:, None] < D), other=0.0)
             v = tl.load(v_ptrs, mask=(offs_n[:, None] < Nk) & (offs_d[None, :] < D), other=0.0)
@@ -119,13 +201,7 @@ def _fwd_inner(
         s = tl.dot(q, kt, input_precision=IN_PREC)
         t = s * c
         if HAS_MASK:
-            in_range = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk)
-            mval = tl.load(mask_base + offs_m[:, None] * stride_mq + offs_n[None, :] * stride_mk,
-                           mask=in_range, other=0)
-            if MASK_BOOL:
-                t = tl.where(mval != 0, t, float("-inf"))
-            else:
-                t = t + _f32(mval) * 1.4426950408889634
+            t = _apply_mask(t, mask_base, offs_m, offs_n, stride_mq, stride_mk, Nq, Nk, MASK_BOOL, False)
         if CAUSAL:
             t = tl.where(offs_n[None, :] <= offs_m[:, None], t, float("-inf"))
         if BOUNDS:
@@ -159,24 +235,16 @@ def _fwd_kernel(
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
     UPCAST: tl.constexpr, IN_PREC: tl.constexpr, P_DTYPE: tl.constexpr, RN_BF16: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // GROUP
-    start_m = pid_m * BLOCK_M
+    """One query block of one head; loops over key blocks."""
+    pid_bh, b, h, hk = _program_heads(H, GROUP)
+    start_m = tl.program_id(0) * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
+    k_base = K + _head_offset(b, hk, stride_kb, stride_kh)
+    v_base = V + _head_offset(b, hk, stride_vb, stride_vh)
+    mask_base = Mask + _head_offset(b, h, stride_mb, stride_mh)
 
-    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-    mask_base = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
-
-    q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :],
-                mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < D), other=0.0)
-    if UPCAST:
-        q = _f32(q)
+    q = _load_rows(Q + _head_offset(b, h, stride_qb, stride_qh), offs_m, offs_d, stride_qn, Nq, D, UPCAST)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
@@ -213,12 +281,11 @@ def _fwd_kernel(
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = tl.math.div_rn(acc, l_safe[:, None])
     lse2 = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))
-    o_base = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
     if RN_BF16:
         out = _to_p(out, P_DTYPE, UPCAST, RN_BF16)  # exact in bf16 now: the store cannot truncate
-    tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :], out.to(Out.dtype.element_ty),
-             mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < D))
-    tl.store(Lse2 + pid_bh.to(tl.int64) * Nq + offs_m, lse2, mask=offs_m < Nq)
+    _store_rows(Out + _head_offset(b, h, stride_ob, stride_oh), out.to(Out.dtype.element_ty),
+                offs_m, offs_d, stride_on, Nq, D)
+    tl.store(Lse2 + _row_offset(pid_bh, Nq) + offs_m, lse2, mask=offs_m < Nq)
 
 
 # --------------------------------------------------------------------------
@@ -233,18 +300,13 @@ def _bwd_preprocess_kernel(
     D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """Delta_i = rowsum(dO * O) in fp32."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_bh, b, h, _ = _program_heads(H, 1)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
-    msk = (offs_m[:, None] < Nq) & (offs_d[None, :] < D)
-    o = _f32(tl.load(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-                + offs_m[:, None] * stride_on + offs_d[None, :], mask=msk, other=0.0))
-    do = _f32(tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-                 + offs_m[:, None] * stride_don + offs_d[None, :], mask=msk, other=0.0))
-    tl.store(Delta + pid_bh.to(tl.int64) * Nq + offs_m, tl.sum(o * do, 1), mask=offs_m < Nq)
+    # fp32 on every device: the sum is taken in fp32 whatever the input dtype.
+    o = _load_rows(Out + _head_offset(b, h, stride_ob, stride_oh), offs_m, offs_d, stride_on, Nq, D, True)
+    do = _load_rows(DO + _head_offset(b, h, stride_dob, stride_doh), offs_m, offs_d, stride_don, Nq, D, True)
+    tl.store(Delta + _row_offset(pid_bh, Nq) + offs_m, tl.sum(o * do, 1), mask=offs_m < Nq)
 
 
 @triton.jit
@@ -264,21 +326,12 @@ def _bwd_dkdv_kernel(
 ):
     """One key block of one kv head; loops over the query heads of its GQA
     group and over query blocks, so dk, dv sum the group without atomics."""
-    pid_n = tl.program_id(0)
-    pid_bhk = tl.program_id(1)
-    b = pid_bhk // HKV
-    hk = pid_bhk % HKV
-    start_n = pid_n * BLOCK_N
+    _, b, hk, _ = _program_heads(HKV, 1)  # grid axis 1 runs over B * HKV here
+    start_n = tl.program_id(0) * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
-    kv_msk = (offs_n[:, None] < Nk) & (offs_d[None, :] < D)
-    k = tl.load(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-                + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_msk, other=0.0)
-    v = tl.load(V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-                + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_msk, other=0.0)
-    if UPCAST:
-        k = _f32(k)
-        v = _f32(v)
+    k = _load_rows(K + _head_offset(b, hk, stride_kb, stride_kh), offs_n, offs_d, stride_kn, Nk, D, UPCAST)
+    v = _load_rows(V + _head_offset(b, hk, stride_vb, stride_vh), offs_n, offs_d, stride_vn, Nk, D, UPCAST)
     dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     lo = 0
@@ -286,30 +339,18 @@ def _bwd_dkdv_kernel(
         lo = (start_n // BLOCK_M) * BLOCK_M  # queries i < start_n see none of these keys
     for g in range(0, GROUP):
         h = hk * GROUP + g
-        q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-        do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-        mask_base = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
-        row_base = (b * H + h).to(tl.int64) * Nq
+        q_base = Q + _head_offset(b, h, stride_qb, stride_qh)
+        do_base = DO + _head_offset(b, h, stride_dob, stride_doh)
+        mask_base = Mask + _head_offset(b, h, stride_mb, stride_mh)
+        row_base = _row_offset(b * H + h, Nq)
         for start_m in range(lo, Nq, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
-            q_msk = (offs_m[:, None] < Nq) & (offs_d[None, :] < D)
-            q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=q_msk, other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * stride_don + offs_d[None, :], mask=q_msk, other=0.0)
-            if UPCAST:
-                q = _f32(q)
-                do = _f32(do)
-            lse2 = tl.load(Lse2 + row_base + offs_m, mask=offs_m < Nq, other=0.0)
-            lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)
-            delta = tl.load(Delta + row_base + offs_m, mask=offs_m < Nq, other=0.0)
+            q = _load_rows(q_base, offs_m, offs_d, stride_qn, Nq, D, UPCAST)
+            do = _load_rows(do_base, offs_m, offs_d, stride_don, Nq, D, UPCAST)
+            lse2, delta = _load_row_stats(Lse2, Delta, row_base, offs_m, Nq)
             tt = tl.dot(k, tl.trans(q), input_precision=IN_PREC) * c  # (BLOCK_N, BLOCK_M)
             if HAS_MASK:
-                in_range = (offs_m[None, :] < Nq) & (offs_n[:, None] < Nk)
-                mval = tl.load(mask_base + offs_m[None, :] * stride_mq + offs_n[:, None] * stride_mk,
-                               mask=in_range, other=0)
-                if MASK_BOOL:
-                    tt = tl.where(mval != 0, tt, float("-inf"))
-                else:
-                    tt = tt + _f32(mval) * 1.4426950408889634
+                tt = _apply_mask(tt, mask_base, offs_m, offs_n, stride_mq, stride_mk, Nq, Nk, MASK_BOOL, True)
             if CAUSAL:
                 tt = tl.where(offs_n[:, None] <= offs_m[None, :], tt, float("-inf"))
             tt = tl.where((offs_n[:, None] < Nk) & (offs_m[None, :] < Nq), tt, float("-inf"))
@@ -323,10 +364,10 @@ def _bwd_dkdv_kernel(
     if RN_BF16:
         dk = _to_p(dk, P_DTYPE, UPCAST, RN_BF16)
         dv = _to_p(dv, P_DTYPE, UPCAST, RN_BF16)
-    tl.store(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
-             + offs_n[:, None] * stride_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_msk)
-    tl.store(DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh
-             + offs_n[:, None] * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_msk)
+    _store_rows(DK + _head_offset(b, hk, stride_dkb, stride_dkh), dk.to(DK.dtype.element_ty),
+                offs_n, offs_d, stride_dkn, Nk, D)
+    _store_rows(DV + _head_offset(b, hk, stride_dvb, stride_dvh), dv.to(DV.dtype.element_ty),
+                offs_n, offs_d, stride_dvn, Nk, D)
 
 
 @triton.jit
@@ -344,49 +385,27 @@ def _bwd_dq_kernel(
     UPCAST: tl.constexpr, IN_PREC: tl.constexpr, P_DTYPE: tl.constexpr, RN_BF16: tl.constexpr,
 ):
     """One query block; loops over key blocks."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // GROUP
-    start_m = pid_m * BLOCK_M
+    pid_bh, b, h, hk = _program_heads(H, GROUP)
+    start_m = tl.program_id(0) * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
-    q_msk = (offs_m[:, None] < Nq) & (offs_d[None, :] < D)
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-                + offs_m[:, None] * stride_qn + offs_d[None, :], mask=q_msk, other=0.0)
-    do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-                 + offs_m[:, None] * stride_don + offs_d[None, :], mask=q_msk, other=0.0)
-    if UPCAST:
-        q = _f32(q)
-        do = _f32(do)
-    lse2 = tl.load(Lse2 + pid_bh.to(tl.int64) * Nq + offs_m, mask=offs_m < Nq, other=0.0)
-    lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)
-    delta = tl.load(Delta + pid_bh.to(tl.int64) * Nq + offs_m, mask=offs_m < Nq, other=0.0)
-    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-    mask_base = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+    q = _load_rows(Q + _head_offset(b, h, stride_qb, stride_qh), offs_m, offs_d, stride_qn, Nq, D, UPCAST)
+    do = _load_rows(DO + _head_offset(b, h, stride_dob, stride_doh), offs_m, offs_d, stride_don, Nq, D, UPCAST)
+    lse2, delta = _load_row_stats(Lse2, Delta, _row_offset(pid_bh, Nq), offs_m, Nq)
+    k_base = K + _head_offset(b, hk, stride_kb, stride_kh)
+    v_base = V + _head_offset(b, hk, stride_vb, stride_vh)
+    mask_base = Mask + _head_offset(b, h, stride_mb, stride_mh)
     dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     hi = Nk
     if CAUSAL:
         hi = tl.minimum(start_m + BLOCK_M, Nk)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_msk = (offs_n[:, None] < Nk) & (offs_d[None, :] < D)
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_msk, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_msk, other=0.0)
-        if UPCAST:
-            k = _f32(k)
-            v = _f32(v)
+        k = _load_rows(k_base, offs_n, offs_d, stride_kn, Nk, D, UPCAST)
+        v = _load_rows(v_base, offs_n, offs_d, stride_vn, Nk, D, UPCAST)
         t = tl.dot(q, tl.trans(k), input_precision=IN_PREC) * c
         if HAS_MASK:
-            in_range = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk)
-            mval = tl.load(mask_base + offs_m[:, None] * stride_mq + offs_n[None, :] * stride_mk,
-                           mask=in_range, other=0)
-            if MASK_BOOL:
-                t = tl.where(mval != 0, t, float("-inf"))
-            else:
-                t = t + _f32(mval) * 1.4426950408889634
+            t = _apply_mask(t, mask_base, offs_m, offs_n, stride_mq, stride_mk, Nq, Nk, MASK_BOOL, False)
         if CAUSAL:
             t = tl.where(offs_n[None, :] <= offs_m[:, None], t, float("-inf"))
         t = tl.where((offs_n[None, :] < Nk) & (offs_m[:, None] < Nq), t, float("-inf"))
@@ -397,8 +416,8 @@ def _bwd_dq_kernel(
     dq = dq * sm_scale
     if RN_BF16:
         dq = _to_p(dq, P_DTYPE, UPCAST, RN_BF16)
-    tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
-             + offs_m[:, None] * stride_dqn + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=q_msk)
+    _store_rows(DQ + _head_offset(b, h, stride_dqb, stride_dqh), dq.to(DQ.dtype.element_ty),
+                offs_m, offs_d, stride_dqn, Nq, D)
 
 
 # --------------------------------------------------------------------------
@@ -483,16 +502,21 @@ def _check_block(name: str, value, on_cpu: bool):
         raise ValueError(f"{name} must be a power of two in [{least}, 256] {where}, got {value}")
 
 
-def _validate(q, k, v, attn_mask, is_causal, scale, enable_gqa, block_m, block_n, allow_tf32):
+def _validate(q, k, v, attn_mask, is_causal, scale, enable_gqa, block_m, block_n, allow_tf32) -> SdpaArgs:
+    """The shared SDPA checks, then what only this kernel needs: torch
+    tensors on one CUDA device (or the CPU under the interpreter), fp16,
+    bf16 or fp32, Dv == D <= MAX_HEAD_DIM, and valid block sizes."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must have rank 4 (B, H, N, D), got shape {tuple(t.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.dtype not in _DTYPES:
-        raise TypeError(f"unsupported dtype {q.dtype}; expected float16, bfloat16 or float32")
+    if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+    args = check_sdpa_args(q, k, v, attn_mask, is_causal, scale, enable_gqa, formats=_FORMATS)
+    if args.Dv != args.D:
+        raise ValueError(f"v's head dim {args.Dv} differs from q's and k's {args.D}; this kernel needs "
+                         f"Dv == D (pad v or use another backend)")
+    if args.D > MAX_HEAD_DIM:
+        raise ValueError(f"head dim must be in [1, {MAX_HEAD_DIM}] for this kernel, got {args.D}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if q.device.type not in ("cpu", "cuda"):
@@ -502,53 +526,14 @@ def _validate(q, k, v, attn_mask, is_causal, scale, enable_gqa, block_m, block_n
                          "flashcheck.kernels.triton_flash")
     if q.device.type == "cuda" and is_interpreted():
         raise ValueError("the kernels were loaded under TRITON_INTERPRET=1; pass CPU tensors")
-    B, H, Nq, D = q.shape
-    Bk, Hkv, Nk, Dk = k.shape
-    if k.shape != v.shape:
-        raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
-    if Bk != B:
-        raise ValueError(f"batch sizes differ: q has {B}, k/v have {Bk}")
-    if Dk != D:
-        raise ValueError(f"head dims differ: q has {D}, k/v have {Dk} (v must share q's head dim)")
-    if D < 1 or D > MAX_HEAD_DIM:
-        raise ValueError(f"head dim must be in [1, {MAX_HEAD_DIM}], got {D}")
-    if B < 1 or H < 1 or Hkv < 1 or Nq < 1 or Nk < 1:
-        raise ValueError(f"empty dimension: q {tuple(q.shape)}, k {tuple(k.shape)}")
-    if H != Hkv:
-        if not enable_gqa:
-            raise ValueError(f"q has {H} heads but k/v have {Hkv}; pass enable_gqa=True for GQA/MQA")
-        if H % Hkv:
-            raise ValueError(f"q heads ({H}) must be a multiple of k/v heads ({Hkv}) for GQA")
-    if not isinstance(is_causal, bool):
-        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
-    if attn_mask is not None:
-        if is_causal:
-            raise ValueError("pass either attn_mask or is_causal=True, not both")
-        if not isinstance(attn_mask, torch.Tensor):
-            raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
-        if attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
-            raise TypeError(f"attn_mask must be bool or {q.dtype} (the query dtype), got {attn_mask.dtype}")
-        if attn_mask.device != q.device:
-            raise ValueError(f"attn_mask is on {attn_mask.device}, q on {q.device}")
-        if attn_mask.dim() > 4:
-            raise ValueError(f"attn_mask has rank {attn_mask.dim()}; at most 4 is allowed")
-        try:
-            shape = torch.broadcast_shapes(attn_mask.shape, (B, H, Nq, Nk))
-        except RuntimeError:
-            shape = None
-        if shape != torch.Size((B, H, Nq, Nk)):
-            raise ValueError(f"attn_mask shape {tuple(attn_mask.shape)} does not broadcast to "
-                             f"(B, H, Nq, Nk) = {(B, H, Nq, Nk)}")
-    if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-            raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
-        if not math.isfinite(scale) or scale <= 0:
-            raise ValueError(f"scale must be finite and positive, got {scale}")
+    if attn_mask is not None and attn_mask.device != q.device:
+        raise ValueError(f"attn_mask is on {attn_mask.device}, q on {q.device}; move it to q's device")
     if allow_tf32 is not None and not isinstance(allow_tf32, bool):
         raise TypeError(f"allow_tf32 must be a bool or None, got {type(allow_tf32).__name__}")
     on_cpu = q.device.type == "cpu"
     _check_block("block_m", block_m, on_cpu)
     _check_block("block_n", block_n, on_cpu)
+    return args
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
@@ -733,12 +718,12 @@ def attention(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=F
     >>> attention(q, kv, kv, enable_gqa=True).shape   # doctest: +SKIP
     torch.Size([1, 4, 3, 16])
     """
-    _validate(q, k, v, attn_mask, is_causal, scale, enable_gqa, block_m, block_n, allow_tf32)
+    args = _validate(q, k, v, attn_mask, is_causal, scale, enable_gqa, block_m, block_n, allow_tf32)
     if allow_tf32 is None:
         allow_tf32 = bool(torch.backends.cuda.matmul.allow_tf32)
-    sm_scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-    out, lse2 = _FlashAttention.apply(q, k, v, attn_mask, is_causal, sm_scale, block_m, block_n, allow_tf32)
+    out, lse2 = _FlashAttention.apply(q, k, v, attn_mask, args.is_causal, args.scale, block_m, block_n,
+                                      allow_tf32)
     if return_lse:
         return out, lse2 * LN2
     return out

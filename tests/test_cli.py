@@ -1,6 +1,8 @@
 """`python -m flashcheck`: exit codes, outputs, replay and diff, as a user runs them."""
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -93,3 +95,31 @@ def test_entry_points_run(argv, tmp_path):
     assert proc.returncode == 0, proc.stderr
     for command in ("fuzz", "replay", "diff", "bench"):
         assert command in proc.stdout
+
+
+def test_kernel_bench_is_registered_by_the_harness_not_by_the_kernel():
+    # Layering: kernels <- properties <- verify. Importing the kernel benchmark
+    # must not pull in the harness; the harness registers it.
+    code = ("import sys, flashcheck.kernels.bench_kernel\n"
+            "bad = sorted(m for m in sys.modules if m.startswith('flashcheck.verify'))\n"
+            "assert not bad, bad\n"
+            "from flashcheck.verify.bench import BENCHES\n"
+            "assert BENCHES['kernel'].run is flashcheck.kernels.bench_kernel.main\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    src = (Path(__file__).parents[1] / "kernels" / "bench_kernel.py").read_text()
+    assert not re.search(r"^\s*(from|import)\s+flashcheck\.verify", src, re.MULTILINE)
+
+
+@pytest.mark.parametrize("argv", [
+    ["-m", "flashcheck", "bench", "kernel", "--smoke"],
+    ["-m", "flashcheck.kernels.bench_kernel", "--smoke"],
+], ids=["python -m flashcheck bench kernel", "python -m flashcheck.kernels.bench_kernel"])
+def test_kernel_bench_smoke_runs_in_the_interpreter(argv, tmp_path):
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    path = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, *argv, "--json", str(path)], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(path.read_text())
+    assert len(rows) == 4 and all("ms" in r["triton"] for r in rows)
+    assert "tri/flash" in proc.stdout

@@ -395,7 +395,7 @@ BAD_CALLS = [
     ("mask int", lambda: attention(*(_t(*_Q),) * 3, attn_mask=torch.zeros(4, 4, dtype=torch.int8)),
      TypeError, "attn_mask"),
     ("causal+mask", lambda: attention(*(_t(*_Q),) * 3, attn_mask=torch.ones(4, 4, dtype=torch.bool),
-                                      is_causal=True), ValueError, "not both"),
+                                      is_causal=True), ValueError, "mutually exclusive"),
     ("scale nan", lambda: attention(*(_t(*_Q),) * 3, scale=float("nan")), ValueError, "scale"),
     ("scale inf", lambda: attention(*(_t(*_Q),) * 3, scale=float("inf")), ValueError, "scale"),
     ("scale 0", lambda: attention(*(_t(*_Q),) * 3, scale=0.0), ValueError, "scale"),

@@ -10,7 +10,7 @@ parsed from ``argv``; return an exit status) registered under a name:
 The CLI lists every registered name under ``bench``.
 
 >>> sorted(BENCHES)
-['oracle']
+['kernel', 'oracle']
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
+from flashcheck.kernels import bench_kernel
 
 __all__ = ["BENCHES", "bench_oracle", "oracle_timings", "plain_attention", "register_bench"]
 
@@ -198,6 +200,13 @@ def bench_oracle(argv: list[str]) -> int:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=2)
     return 0 if all(r["certified"] for r in rows) else 1
+
+
+# The kernel benchmark lives with the kernel (kernels/bench_kernel.py) and knows
+# nothing of this harness; registering it here keeps the layering: verify
+# imports kernels, never the reverse.
+register_bench("kernel", "TFLOP/s of the Triton kernel next to SDPA flash and cuDNN (CUDA; --smoke on CPU)")(
+    bench_kernel.main)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -32,8 +32,10 @@ class Command:
 COMMANDS: dict[str, Command] = {}
 
 #: Modules imported before ``bench`` lists its choices; each registers its
-#: benchmarks with `flashcheck.verify.bench.register_bench` when imported.
-BENCH_MODULES = ["flashcheck.verify.bench", "flashcheck.kernels.bench_kernel"]
+#: benchmarks with `flashcheck.verify.bench.register_bench` when imported
+#: (verify.bench registers the kernel benchmark, kernels/bench_kernel.py, too:
+#: kernels must not import verify).
+BENCH_MODULES = ["flashcheck.verify.bench"]
 
 
 def register_command(name: str, help: str, setup, run) -> None:

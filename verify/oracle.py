@@ -24,14 +24,20 @@ Modes:
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 
 import mpmath
 import numpy as np
 
-from flashcheck.kernels.precision import format_of, to_float64
+from flashcheck.kernels.precision import to_float64
+from flashcheck.kernels.sdpa_args import (
+    check_array,
+    check_finite,
+    check_float_dtype,
+    check_mask_values,
+    check_sdpa_args,
+)
 from flashcheck.verify._mp import CERT_SAFETY, dyadic_ints, mp_exp_weights, mp_row, ratio_to_float
 
 __all__ = [
@@ -161,31 +167,11 @@ class CertificationError(AssertionError):
 # input handling
 
 
-def _exact(x, name: str, *, allow_bool: bool = False) -> np.ndarray:
-    """Exact float64 values of a NumPy array or torch tensor."""
-    if x is None:
-        raise TypeError(f"{name} must be an array, got None")
-    dtype = getattr(x, "dtype", None)
-    if dtype is None or not hasattr(x, "shape"):
-        raise TypeError(f"{name} must be a NumPy array or torch tensor, got {type(x).__name__}")
-    text = str(dtype).replace("torch.", "")
-    if text == "bool":
-        if not allow_bool:
-            raise TypeError(f"{name} must be a floating-point array, got dtype bool")
-        return np.asarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x, dtype=bool)
-    try:
-        format_of(dtype)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{name} has unsupported dtype {text}: expected float16, bfloat16, float32 "
-                        f"or float64") from exc
+def _exact(x, name: str) -> np.ndarray:
+    """Exact float64 values of a NumPy array or torch tensor of a float dtype."""
+    check_array(x, name)
+    check_float_dtype(x, name)
     return to_float64(x)
-
-
-def _check_finite(x: np.ndarray, name: str) -> None:
-    if np.isnan(x).any():
-        raise ValueError(f"{name} contains NaN at index {tuple(int(i) for i in np.argwhere(np.isnan(x))[0])}")
-    if np.isinf(x).any():
-        raise ValueError(f"{name} contains Inf at index {tuple(int(i) for i in np.argwhere(np.isinf(x))[0])}")
 
 
 @dataclass
@@ -239,70 +225,40 @@ class _Problem:
 
 
 def _prepare(q, k, v, attn_mask, is_causal, scale, enable_gqa, dout) -> _Problem:
+    # The shared SDPA rules, as the oracle applies them: it reads exact values,
+    # so q, k, v and an additive mask may have different float dtypes, and any
+    # finite scale is certified (torch takes 0 and negative scales too).
+    args = check_sdpa_args(q, k, v, attn_mask, is_causal, scale, enable_gqa,
+                           one_dtype=False, positive_scale=False)
     q64, k64, v64 = _exact(q, "q"), _exact(k, "k"), _exact(v, "v")
     for name, x in (("q", q64), ("k", k64), ("v", v64)):
-        if x.ndim != 4:
-            raise ValueError(f"{name} must have rank 4 (B, H, N, D), got shape {x.shape}")
-        if 0 in x.shape:
-            raise ValueError(f"{name} must not be empty, got shape {x.shape}")
-        _check_finite(x, name)
-    B, H, Nq, D = q64.shape
-    if k64.shape[0] != B or v64.shape[0] != B:
-        raise ValueError(f"batch sizes differ: q {q64.shape}, k {k64.shape}, v {v64.shape}")
-    if k64.shape[3] != D:
-        raise ValueError(f"k's head dim {k64.shape[3]} differs from q's {D}")
-    if k64.shape[1:3] != v64.shape[1:3]:
-        raise ValueError(f"k {k64.shape} and v {v64.shape} must agree in heads and length")
-    Hkv, Nk = k64.shape[1], k64.shape[2]
-    if not isinstance(is_causal, (bool, np.bool_)):
-        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
-    if not isinstance(enable_gqa, (bool, np.bool_)):
-        raise TypeError(f"enable_gqa must be a bool, got {type(enable_gqa).__name__}")
-    if Hkv != H:
-        if not enable_gqa:
-            raise ValueError(f"q has {H} heads but k/v have {Hkv}: pass enable_gqa=True for GQA/MQA")
-        if H % Hkv:
-            raise ValueError(f"enable_gqa needs q's heads ({H}) to be a multiple of k/v's ({Hkv})")
-    groups = H // Hkv
-    if scale is None:
-        scale = 1.0 / math.sqrt(D)  # what torch does, in float64
-    elif isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
-    scale = float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
+        check_finite(x, name)  # the bounds are derived for finite inputs
+    B, H, Nq, Nk = args.target_shape
+    groups, Hkv, scale = args.groups, args.Hkv, args.scale
     allowed = add = None
     if attn_mask is not None:
-        if is_causal:
-            raise ValueError("is_causal=True and attn_mask are mutually exclusive (as in torch's SDPA)")
-        m = _exact(attn_mask, "attn_mask", allow_bool=True)
-        try:
-            np.broadcast_shapes(m.shape, (B, H, Nq, Nk))
-            if m.ndim > 4:
-                raise ValueError
-        except ValueError:
-            raise ValueError(f"attn_mask of shape {m.shape} does not broadcast to (B, H, Nq, Nk) = "
-                             f"{(B, H, Nq, Nk)}") from None
+        if args.mask == "bool":
+            m = np.asarray(attn_mask.detach().cpu().numpy() if hasattr(attn_mask, "detach") else attn_mask,
+                           dtype=bool)
+        else:
+            m = to_float64(attn_mask)
         m = m.reshape((1,) * (4 - m.ndim) + m.shape)
         if m.dtype == bool:
             allowed = m
         else:
-            if np.isnan(m).any():
-                raise ValueError("attn_mask contains NaN")
-            if (m == np.inf).any():
-                raise ValueError("attn_mask contains +inf (the softmax would be undefined)")
+            check_mask_values(m)
             allowed = m != -np.inf
             add = np.where(allowed, m, 0.0)
             if allowed.all():
                 allowed = None
-    elif is_causal:
+    elif args.is_causal:
         allowed = np.tri(Nq, Nk, dtype=bool)[None, None]  # key j visible to query i iff j <= i
     d64 = None
     if dout is not None:
         d64 = _exact(dout, "dout")
-        if d64.shape != (B, H, Nq, v64.shape[3]):
-            raise ValueError(f"dout must have the output's shape {(B, H, Nq, v64.shape[3])}, got {d64.shape}")
-        _check_finite(d64, "dout")
+        if d64.shape != (B, H, Nq, args.Dv):
+            raise ValueError(f"dout must have the output's shape {(B, H, Nq, args.Dv)}, got {d64.shape}")
+        check_finite(d64, "dout")
     if groups > 1:
         k64, v64 = np.repeat(k64, groups, axis=1), np.repeat(v64, groups, axis=1)
     return _Problem(q64, k64, v64, allowed, add, scale, groups, Hkv, d64)
