@@ -395,7 +395,12 @@ def case_from_plan(plan: Plan, raw, *, device: str = "cpu", max_scores: int | No
         Nq = Nk = _length(c, plan.align, lo, min(hi, math.isqrt(budget)))
     else:
         Nk = _length(c, plan.align, nk_lo, min(stratum.nk[1], budget // nq_lo))
-        Nq = _length(c, plan.align, nq_lo, min(stratum.nq[1], budget // Nk))
+        nq_hi = min(stratum.nq[1], budget // Nk)
+        Nq = _length(c, plan.align, nq_lo, nq_hi)
+        if Nq == Nk:  # "different" must differ: the nearest other length of the same alignment
+            others = [n for n in (aligned_lengths(nq_lo, nq_hi) if plan.align == "aligned" else
+                                  [n for n in range(nq_lo, nq_hi + 1) if n % 16]) if n != Nk]
+            Nq = min(others, key=lambda n: abs(n - Nk)) if others else max(1, Nk - 1)
     dims = head_dim_values(plan.head_dim)
     D = int(dims[c.index(len(dims))])
     Dv = D if plan.dv == "same" else c.pick([d for d in (16, 32, 48, 64, 80, 128) if d != D])

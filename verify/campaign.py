@@ -219,7 +219,18 @@ class _Planner:
             plan = self.worst[(index // period) % len(self.worst)][1]
             if not self.caps[owner].declines(plan):
                 return plan, "exploit"
-        return self.dealers[owner].deal(avoid=() if sharded else self.caps[owner].rules), "dealt"
+        if sharded:
+            return self.dealers[owner].deal(), "dealt"
+        dealer, cap = self.dealers[owner], self.caps[owner]
+        for rule in cap.rules:  # single-value declines leave the decks; combinations are dealt around
+            if len(rule) == 1:
+                dealer.drop(*next(iter(rule.items())))
+        plan = dealer.deal(avoid=cap.rules)
+        if plan is None:  # nothing left in this target's slice
+            cap.rules.append({})
+            cap.reasons.append("no plan within the allowed feature values avoids its declines")
+            return self.next_plan(index)
+        return plan, "dealt"
 
     def record(self, plan, ratio: float | None):
         if ratio is None or not math.isfinite(ratio) or plan is None:
@@ -368,6 +379,6 @@ def write_reports(rows: list, out: Path, meta: dict) -> None:
     from flashcheck.reports.summary import write_summary
 
     out = Path(out)
-    write_summary(rows, out / "summary.json")
+    write_summary(rows, out / "summary.json", meta=meta)
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     write_html(rows, out / "index.html", title="flashcheck fuzz campaign", meta=meta)

@@ -18,6 +18,10 @@ each other value of each feature is tried on the plain case, and the first
 one the target takes replaces the plain value for this target. If none does,
 the target declines everything the campaign can build.
 
+On a target's first decline, every other value of every feature is also
+probed once on the plain case, so the declines of single feature values are
+all learnt at once; later declines find the combinations.
+
 Probes run the target on cases built from the declined case's raw choices
 with one feature changed; they are not judged and not reported as cases.
 """
@@ -48,6 +52,7 @@ class Capabilities:
     reasons: list = field(default_factory=list)
     plain: dict = field(default_factory=dict)
     probes: int = 0
+    swept: bool = False  # every single feature value probed once already
     skipped: int = 0  # cases not run on this target because they matched a rule
 
     def __post_init__(self):
@@ -84,10 +89,25 @@ class Capabilities:
                 needed[f] = getattr(plan, f)
         if not needed:
             needed = self._unsupported_plain(current, probe)
-        if needed not in self.rules:
-            self.rules.append(needed)
-            self.reasons.append(reason)
+        self._add(needed, reason)
+        # A target that declines one thing usually declines more: on its first
+        # decline, every other value of every feature is probed once on the
+        # plain case, so the single-feature declines are learnt now instead of
+        # costing a case each later (about 40 probes, most of them declines).
+        if needed and not self.swept:
+            self.swept = True
+            plain = current.with_(**{f: self.plain[f] for f in needed})
+            for f in FEATURES:
+                for v in self.values[f]:
+                    rule = {f: v}
+                    if v != self.plain[f] and rule not in self.rules and probe(plain.with_(**rule)):
+                        self._add(rule, reason)
         return needed
+
+    def _add(self, rule: dict, reason: str) -> None:
+        if rule not in self.rules:
+            self.rules.append(rule)
+            self.reasons.append(reason)
 
     def _unsupported_plain(self, plain_plan: Plan, probe) -> dict:
         for f in FEATURES:
