@@ -1,58 +1,71 @@
-"""How fast a campaign catches each planted bug (docs/selftest.md).
+"""How fast a campaign catches each planted bug, over several seeds (docs/selftest.md).
 
-One campaign over every planted implementation (identical cases for all);
-for each broken one, the first failing case: its number, the wall time since
-the campaign started, its classes and the reason.
+One campaign per seed over every planted implementation (identical cases for
+all targets of a seed). For each broken one: the case at which it was first
+caught, per seed, then the minimum, median and maximum over the seeds and in
+how many seeds it was caught at all; for each correct one, its failures.
 
-    PYTHONPATH=. python scripts/selftest_times.py --examples 40
+    python scripts/selftest_times.py --examples 40 --seeds 0-9 --jobs 2
 """
 
 import argparse
+import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 
-from flashcheck.reports import records
 from flashcheck.verify.campaign import CampaignConfig, run_campaign
-from flashcheck.verify.planted import BROKEN, CORRECT
+from flashcheck.verify.planted import BROKEN, CORRECT, MULTI_TILE
+
+
+def one_seed(seed: int, examples: int) -> dict:
+    """{"seconds", "cases", "first": {bug: case number}, "correct_failures": {name: count}}."""
+    targets = [f"flashcheck.verify.planted:{n}" for n in (*BROKEN, *CORRECT)]
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory() as out:
+        result = run_campaign(CampaignConfig(targets=targets, max_examples=examples, seed=seed,
+                                             isolate=False, progress=False, out=out))
+    order = list(dict.fromkeys(r["case_id"] for r in result.rows))
+    first = {}
+    for row in result.rows:
+        name = row["target"].split(":")[1]
+        if row["verdict"] == "fail" and name in BROKEN and name not in first:
+            first[name] = order.index(row["case_id"]) + 1
+    fails = {n: sum(r["verdict"] == "fail" for r in result.rows if r["target"].endswith(f":{n}")) for n in CORRECT}
+    return {"seconds": time.monotonic() - start, "cases": result.cases, "first": first, "correct_failures": fails}
+
+
+def seeds_of(text: str) -> list[int]:
+    lo, _, hi = text.partition("-")
+    return list(range(int(lo), int(hi or lo) + 1))
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--examples", type=int, default=40)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default="0-9", help="a seed or a range, e.g. 0-9")
+    ap.add_argument("--jobs", type=int, default=2)
     args = ap.parse_args()
-    stamps = []
-    original = records.CaseWriter.write
-
-    def write(self, row):
-        stamps.append((time.monotonic(), row))
-        return original(self, row)
-
-    records.CaseWriter.write = write
-    targets = [f"flashcheck.verify.planted:{n}" for n in (*BROKEN, *CORRECT)]
-    start = time.monotonic()
-    with tempfile.TemporaryDirectory() as out:
-        result = run_campaign(CampaignConfig(targets=targets, max_examples=args.examples, seed=args.seed,
-                                             isolate=False, progress=False, out=out))
-    total = time.monotonic() - start
-    print(f"{result.cases} cases x {len(targets)} targets in {total:.1f} s (seed {args.seed})\n")
-    print("| planted bug | caught at case | after (s) | magnitude | mask | layout | reason |")
-    print("|---|--:|--:|---|---|---|---|")
-    seen = {}
-    for i, (t, row) in enumerate(stamps):
-        name = row["target"].split(":")[1]
-        seen.setdefault(name, []).append(row)
-        if row["verdict"] == "fail" and name in BROKEN and not any(r.get("_first") for r in seen[name][:-1]):
-            row["_first"] = True
-            reason = (row["reason"] or "").replace("|", "/")[:70]
-            print(f"| {name} | {i // len(targets) + 1} | {t - start:.2f} | {row['magnitude']} | {row['mask_kind']} "
-                  f"| {row['layout']} | {reason} |")
-    for name in BROKEN:
-        if not any(r.get("_first") for r in seen.get(name, [])):
-            print(f"| {name} | not caught | | | | | |")
+    seeds = seeds_of(args.seeds)
+    with ProcessPoolExecutor(args.jobs) as pool:
+        runs = dict(zip(seeds, pool.map(one_seed, seeds, [args.examples] * len(seeds))))
+    print(f"{args.examples} cases per seed, seeds {seeds[0]}-{seeds[-1]}, "
+          f"{len(BROKEN) + len(CORRECT)} targets; wall time per seed "
+          f"{min(r['seconds'] for r in runs.values()):.0f}-{max(r['seconds'] for r in runs.values()):.0f} s\n")
+    print("| planted bug | caught in seeds | cases to catch: min | median | max | per seed |")
+    print("|---|--:|--:|--:|--:|---|")
+    for bug in BROKEN:
+        hits = [runs[s]["first"][bug] for s in seeds if bug in runs[s]["first"]]
+        per_seed = " ".join(str(runs[s]["first"].get(bug, "-")) for s in seeds)
+        name = f"{bug} (multi-tile)" if bug in MULTI_TILE else bug
+        if hits:
+            print(f"| {name} | {len(hits)}/{len(seeds)} | {min(hits)} | {statistics.median(hits):g} | "
+                  f"{max(hits)} | {per_seed} |")
+        else:
+            print(f"| {name} | 0/{len(seeds)} | | | | {per_seed} |")
     for name in CORRECT:
-        fails = sum(r["verdict"] == "fail" for r in seen[name])
-        print(f"\n{name}: {len(seen[name])} runs, {fails} failures")
+        total = sum(runs[s]["correct_failures"][name] for s in seeds)
+        print(f"\n{name}: {total} failing runs over {len(seeds)} seeds")
 
 
 if __name__ == "__main__":
