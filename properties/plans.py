@@ -267,13 +267,9 @@ def head_dim_values(head_dim) -> tuple[int, ...]:
 
 
 def aligned_lengths(lo: int, hi: int) -> list[int]:
-    """Lengths in [lo, hi] on tile boundaries: multiples of 64 where there
-    are any, else multiples of 16."""
-    for step in (TILE, 16):
-        values = list(range(math.ceil(lo / step) * step, hi + 1, step))
-        if values:
-            return values
-    return []
+    """Lengths in [lo, hi] on tile boundaries: the multiples of 16 (those of
+    64 and 128 among them)."""
+    return list(range(math.ceil(lo / 16) * 16, hi + 1, 16))
 
 
 @functools.lru_cache(maxsize=8)
@@ -342,13 +338,15 @@ def _ragged_options(lo: int, hi: int) -> list[list[int]]:
                    | {n for k in range(1, hi.bit_length() + 1) for n in ((1 << k) - 1, (1 << k) + 1)} | {1})
     pools = [[n for n in edges if lo <= n <= hi], [p for p in primes_upto(hi) if p >= lo],
              [n for n in range(lo, hi + 1) if n % 16]]
-    return [p for p in pools if p] or [list(range(lo, hi + 1))]
+    # A range with no ragged length (a cap squeezed it onto one multiple of 16): just below it.
+    return [p for p in pools if p] or [[max(1, lo - 1)]]
 
 
 def _length(c: _Choices, align: str, lo: int, hi: int) -> int:
     hi = max(1, hi)
     lo = max(1, min(lo, hi))
-    aligned = aligned_lengths(lo, hi)
+    # A cap can squeeze [lo, hi] past every multiple of 16: then the one just below hi.
+    aligned = aligned_lengths(lo, hi) or ([hi // 16 * 16] if hi >= 16 else [])
     pools = [aligned] if align == "aligned" and aligned else _ragged_options(lo, hi)
     pool = c.pick(pools)
     return pool[c.index(len(pool))]
@@ -398,8 +396,7 @@ def case_from_plan(plan: Plan, raw, *, device: str = "cpu", max_scores: int | No
         nq_hi = min(stratum.nq[1], budget // Nk)
         Nq = _length(c, plan.align, nq_lo, nq_hi)
         if Nq == Nk:  # "different" must differ: the nearest other length of the same alignment
-            others = [n for n in (aligned_lengths(nq_lo, nq_hi) if plan.align == "aligned" else
-                                  [n for n in range(nq_lo, nq_hi + 1) if n % 16]) if n != Nk]
+            others = [n for n in range(nq_lo, nq_hi + 1) if n != Nk and (n % 16 == 0) == (plan.align == "aligned")]
             Nq = min(others, key=lambda n: abs(n - Nk)) if others else max(1, Nk - 1)
     dims = head_dim_values(plan.head_dim)
     D = int(dims[c.index(len(dims))])
