@@ -67,7 +67,26 @@ def _cuda_available() -> bool:
         return False
 
 
+def _interpreter_too_old() -> str | None:
+    """Why the Triton kernel cannot run under this host's interpreter, or None."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return None
+    from flashcheck.kernels import triton_flash
+
+    if triton_flash.interpreter_supported():
+        return None
+    import triton
+
+    need = ".".join(map(str, triton_flash.INTERPRETER_MIN_TRITON))
+    return f"Triton {triton.__version__}'s interpreter cannot run the kernel (needs >= {need})"
+
+
 def pytest_collection_modifyitems(config, items):
+    old = _interpreter_too_old() if any("interpreted_kernel" in i.keywords for i in items) else None
+    if old:
+        for item in items:
+            if "interpreted_kernel" in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=old))
     if _cuda_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -39,6 +39,8 @@ torch.Size([1, 2, 5, 16])
 
 from __future__ import annotations
 
+import re
+
 import torch
 import triton
 import triton.language as tl
@@ -423,6 +425,19 @@ def _bwd_dq_kernel(
 # --------------------------------------------------------------------------
 # host side
 # --------------------------------------------------------------------------
+#: The oldest Triton whose interpreter runs these kernels: Triton 3.6's hands
+#: run-time loop bounds (tl.range(lo, hi) with lo, hi from program ids) to
+#: Python's range() as 1-element arrays and fails; 3.9 runs them. 3.7 and 3.8
+#: are untested. Compiled GPU kernels are not affected.
+INTERPRETER_MIN_TRITON = (3, 9)
+
+
+def interpreter_supported() -> bool:
+    """False when the kernels would run under a Triton interpreter too old for them."""
+    version = tuple(int(x) for x in re.findall(r"\d+", triton.__version__)[:2])
+    return not is_interpreted() or version >= INTERPRETER_MIN_TRITON
+
+
 def is_interpreted() -> bool:
     """True when this module's kernels run under Triton's CPU interpreter
     (``TRITON_INTERPRET=1`` was set when the module was imported)."""
@@ -533,6 +548,11 @@ def _validate(q, k, v, attn_mask, is_causal, scale, enable_gqa, block_m, block_n
     on_cpu = q.device.type == "cpu"
     _check_block("block_m", block_m, on_cpu)
     _check_block("block_n", block_n, on_cpu)
+    if not interpreter_supported():
+        raise RuntimeError(
+            f"Triton {triton.__version__}'s interpreter cannot run this kernel (its loop bounds are run-time "
+            f"values, which interpreters before {'.'.join(map(str, INTERPRETER_MIN_TRITON))} mishandle); "
+            f"install triton>={'.'.join(map(str, INTERPRETER_MIN_TRITON))} for the CPU path, or run on a GPU")
     return args
 
 

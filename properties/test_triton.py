@@ -23,6 +23,8 @@ from flashcheck.properties import strategies as fs  # noqa: E402
 from flashcheck.properties.case import Case  # noqa: E402
 from flashcheck.verify.check import judge  # noqa: E402
 
+pytestmark = pytest.mark.interpreted_kernel  # skipped where the host's Triton interpreter is too old
+
 REGRESSIONS = Path(__file__).parent / "regressions"
 
 INTERPRETED = triton_flash.is_interpreted()

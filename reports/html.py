@@ -153,12 +153,16 @@ def _ratio_vs_nk(rows, targets, dtypes) -> str:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_ylim(lo / 1.5, hi * 1.5)
-        ax.set_title(dtype)
-        ax.set_xlabel("Nk (keys per query)")
-        ax.set_ylabel("error / bound")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+        _label(ax, dtype, "Nk (keys per query)", "error / bound")
     return _png(fig)
+
+
+def _label(ax, title, xlabel, ylabel) -> None:
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
 
 
 def _ratio_histogram(rows, targets, dtypes) -> str:
@@ -178,11 +182,7 @@ def _ratio_histogram(rows, targets, dtypes) -> str:
                 ax.hist(vals, bins=bins, histtype="step", lw=1.5, color=_COLORS[i % len(_COLORS)], label=target)
         ax.axvline(1.0, color="k", lw=1, ls="--")
         ax.set_xscale("log")
-        ax.set_title(dtype)
-        ax.set_xlabel("error / bound")
-        ax.set_ylabel("rows")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+        _label(ax, dtype, "error / bound", "rows")
     return _png(fig)
 
 

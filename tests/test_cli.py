@@ -119,6 +119,7 @@ def test_kernel_bench_is_registered_by_the_harness_not_by_the_kernel():
     ["-m", "flashcheck", "bench", "kernel", "--smoke"],
     ["-m", "flashcheck.kernels.bench_kernel", "--smoke"],
 ], ids=["python -m flashcheck bench kernel", "python -m flashcheck.kernels.bench_kernel"])
+@pytest.mark.interpreted_kernel
 def test_kernel_bench_smoke_runs_in_the_interpreter(argv, tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     path = tmp_path / "rows.json"

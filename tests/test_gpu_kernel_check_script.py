@@ -11,7 +11,8 @@ import pytest  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "gpu_kernel_check.py"
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU interpreter only")
+pytestmark = [pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU interpreter only"),
+              pytest.mark.interpreted_kernel]
 
 
 def _module():

@@ -282,3 +282,26 @@ def test_diff_with_summaries_compares_failure_counts(tmp_path):
     with pytest.raises(ValueError, match="median_factor"):
         diff_runs(old, old, median_factor=0.5)
     assert main_diff(tmp_path / "nowhere", old) == 2
+
+
+def test_summary_and_page_show_coverage_per_target(tmp_path):
+    from flashcheck.reports.html import render_html
+    from flashcheck.reports.summary import coverage, summarize
+
+    plan = {"size": "key-tiles", "align": "ragged", "head_dim": "64"}
+    rows = [
+        {"case_id": "a", "target": "t", "dtype": "fp16", "verdict": "pass", "ratio": 0.5, "Nq": 70, "Nk": 300,
+         "D": 64, "mask_kind": "causal", "magnitude": "normal", "layout": "bnhd", "heads": "GQA", "plan": plan},
+        {"case_id": "b", "target": "t", "dtype": "bf16", "verdict": "unsupported", "Nq": 3, "Nk": 3, "D": 8},
+        {"case_id": "a", "target": "u", "dtype": "fp16", "verdict": "fail", "ratio": 3.0, "Nq": 70, "Nk": 300,
+         "D": 64, "mask_kind": "causal", "magnitude": "normal", "layout": "bnhd", "heads": "GQA", "plan": plan},
+    ]
+    cov = coverage(rows)
+    assert cov["t"]["runs"] == 1 and cov["u"]["runs"] == 1, "unsupported rows cover nothing"
+    assert cov["t"]["size"] == {"key-tiles": 1} and cov["t"]["nk_over_128"] == 1 and cov["t"]["nq_over_64"] == 1
+    assert cov["t"]["align"] == {"ragged": 1} and cov["t"]["lengths"] == {"different": 1}
+    assert summarize(rows)["coverage"] == cov
+    page = render_html(rows, meta={"declined": {"t": {"declined": [
+        {"rule": {"dtype": "bf16"}, "text": "dtype=bf16", "reason": "no bf16"}], "probes": 9, "skipped_cases": 4}}})
+    assert "What the runs covered" in page and "key-tiles 1" in page
+    assert "dtype=bf16" in page and "no bf16" in page

@@ -37,6 +37,8 @@ from flashcheck.kernels.triton_flash import (  # noqa: E402
     precision_model,
 )
 
+pytestmark = pytest.mark.interpreted_kernel  # skipped where the host's Triton interpreter is too old
+
 DEVICE = "cpu" if is_interpreted() else "cuda"
 if DEVICE == "cuda" and not torch.cuda.is_available():
     pytest.skip("kernels compiled for GPU but no CUDA device", allow_module_level=True)

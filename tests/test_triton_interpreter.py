@@ -193,6 +193,7 @@ def test_interpreter_mangles_bf16_subnormals():
     assert not torch.equal(narrowed[:3].float(), exact[:3]), "interpreter now narrows to bf16 subnormals exactly"
 
 
+@pytest.mark.interpreted_kernel
 def test_kernel_keeps_bf16_subnormals_on_cpu():
     from flashcheck.kernels.triton_flash import attention
 
