@@ -51,6 +51,7 @@ def test_bad_sizes_are_rejected():
         _module().run_experiment(batch=1, heads=1, seqlen=0, head_dim=8, device="cpu", seed=0)
 
 
+@pytest.mark.interpreted_kernel
 def test_small_cpu_run(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--small", "--out", str(tmp_path)],
