@@ -180,7 +180,8 @@ def _meta(cfg: CampaignConfig) -> dict:
     meta = {
         "targets": cfg.targets, "dtypes": list(cfg.dtypes), "seed": cfg.seed, "device": cfg.device,
         "model": cfg.model, "max_examples": cfg.max_examples, "budget": cfg.budget,
-        "max_seq": cfg.max_seq, "shard": list(cfg.shard),
+        "max_seq": cfg.max_seq, "shard": list(cfg.shard), "exploit": cfg.exploit,
+        "narrowed to": {f: list(v) for f, v in cfg.values.items() if len(v) < len(feature_values()[f])} or "nothing",
         "python": platform.python_version(), "numpy": numpy.__version__, "torch": torch.__version__,
         "triton": triton_version, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
@@ -364,7 +365,9 @@ def run_campaign(cfg: CampaignConfig) -> CampaignResult:
 
 def _inconclusive(result: CampaignResult, cfg: CampaignConfig) -> dict:
     """Targets that ran fewer cases than the floor, with what they declined."""
-    floor = support_floor(min(cfg.max_examples, max(result.cases, 1)) if cfg.budget else cfg.max_examples)
+    # A shard is asked for its share of the cases; a budget may stop a campaign before its count.
+    requested = math.ceil(cfg.max_examples / cfg.shard[1])
+    floor = support_floor(min(requested, max(result.cases, 1)) if cfg.budget else requested)
     out = {}
     for name, cap in result.capabilities.items():
         ran = sum(r["target"] == name and r["verdict"] != "unsupported" for r in result.rows)
