@@ -15,7 +15,7 @@ import numpy as np
 from flashcheck.kernels.precision import from_float64, to_float64
 from flashcheck.properties.validation import check_shape, input_format
 
-__all__ = ["EXPLICIT_KINDS", "MASK_KINDS", "MASK_SHAPES", "Mask", "full_view", "mask_array"]
+__all__ = ["EXPLICIT_KINDS", "MASK_KINDS", "MASK_SHAPES", "Mask", "full_view", "mask_array", "mask_shapes"]
 
 #: Mask kinds drawn by the `masks` strategy.
 MASK_KINDS = ("none", "causal", "bool-random", "additive", "sliding-window", "fully-masked-rows")
@@ -25,6 +25,14 @@ EXPLICIT_KINDS = ("bool-random", "additive", "sliding-window", "fully-masked-row
 
 #: Broadcast shapes of an explicit mask, by name.
 MASK_SHAPES = ("Nq,Nk", "1,1,Nq,Nk", "1,H,Nq,Nk", "B,1,Nq,Nk", "B,H,Nq,Nk", "B,1,1,Nk")
+
+
+def mask_shapes(kind: str) -> tuple:
+    """The broadcast shapes (`MASK_SHAPES`) an explicit mask of ``kind`` comes
+    in: the banded and row-killing kinds need their own (Nq, Nk) plane."""
+    if kind in ("sliding-window", "fully-masked-rows"):
+        return tuple(m for m in MASK_SHAPES if m.endswith("Nq,Nk"))
+    return MASK_SHAPES
 
 
 def mask_array(shape: dict, dtype, kind: str, mask_shape: str, seed: int):
@@ -38,8 +46,8 @@ def mask_array(shape: dict, dtype, kind: str, mask_shape: str, seed: int):
         raise ValueError(f"mask kind {kind!r} has no explicit mask; expected one of {EXPLICIT_KINDS}")
     if mask_shape not in MASK_SHAPES:
         raise ValueError(f"unknown mask shape {mask_shape!r}; expected one of {MASK_SHAPES}")
-    if kind in ("sliding-window", "fully-masked-rows") and not mask_shape.endswith("Nq,Nk"):
-        raise ValueError(f"a {kind!r} mask needs a shape ending in Nq,Nk, got {mask_shape!r}")
+    if mask_shape not in mask_shapes(kind):
+        raise ValueError(f"a {kind!r} mask needs one of the shapes {mask_shapes(kind)}, got {mask_shape!r}")
     return _build_mask(shape, fmt, kind, mask_shape, seed)
 
 

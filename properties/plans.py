@@ -38,11 +38,12 @@ import numpy as np
 from flashcheck.kernels.precision import from_float64
 from flashcheck.properties.case import LAYOUTS, Case
 from flashcheck.properties.inputs import MAGNITUDES, qkv
-from flashcheck.properties.masks import MASK_KINDS, MASK_SHAPES, mask_array
+from flashcheck.properties.masks import MASK_KINDS, mask_array, mask_shapes
 from flashcheck.properties.validation import INPUT_DTYPES
 
 __all__ = [
     "CHOICE_MAX",
+    "DEFAULT_MAX_SCORES",
     "FEATURES",
     "N_CHOICES",
     "HEAD_DIM_CLASSES",
@@ -50,6 +51,7 @@ __all__ = [
     "PLAIN",
     "SIZE_STRATA",
     "TILE",
+    "TRITON_BLOCK_SIZES",
     "Plan",
     "PlanDealer",
     "SizeStratum",
@@ -61,6 +63,13 @@ __all__ = [
 
 #: The tile the size strata count in (keys per key tile, queries per query tile).
 TILE = 64
+
+#: Block sizes the Triton kernel accepts (powers of two; tl.arange needs them).
+TRITON_BLOCK_SIZES = (16, 32, 64, 128)
+
+#: Default cap on B * H * Nq * Nk per case: the oracle and the bound run on the
+#: host in float64, and a 2-core CI runs a 40-case, 19-target self-test in minutes.
+DEFAULT_MAX_SCORES = {"cpu": 2**16, "cuda": 2**20}
 
 #: Features of a plan, in the order a declined case is simplified (`verify.capabilities`).
 FEATURES = ("magnitude", "mask", "layout", "heads", "dv", "lengths", "align", "head_dim", "size", "dtype")
@@ -362,9 +371,9 @@ def case_from_plan(plan: Plan, raw, *, device: str = "cpu", max_scores: int | No
     boundaries or off them, as ``plan.align`` says), the head dim inside
     its class, Dv, the softmax scale, the mask's broadcast shape, the input
     seed and, for ``block_kind`` "triton" or "numpy", the block sizes.
-    ``max_scores`` caps B * H * Nq * Nk (default 2**16 on CPU, 2**22 on
-    CUDA): batch and heads shrink first, so a case falls short of its
-    stratum only when even one head does not fit. ``max_seq`` caps Nq and Nk.
+    ``max_scores`` caps B * H * Nq * Nk (default `DEFAULT_MAX_SCORES`):
+    batch and heads shrink first, so a case falls short of its stratum only
+    when even one head does not fit. ``max_seq`` caps Nq and Nk.
     """
     if not isinstance(plan, Plan):
         raise TypeError(f"plan must be a Plan, got {type(plan).__name__}")
@@ -373,7 +382,7 @@ def case_from_plan(plan: Plan, raw, *, device: str = "cpu", max_scores: int | No
         clamp = lambda r: (min(r[0], max_seq), min(r[1], max_seq))  # noqa: E731
         stratum = dataclasses.replace(stratum, nq=clamp(stratum.nq), nk=clamp(stratum.nk))
     if max_scores is None:
-        max_scores = 2**16 if device == "cpu" else 2**22
+        max_scores = DEFAULT_MAX_SCORES[device]
     c = _Choices(raw)
     fmt = plan.dtype
     nq_lo, nk_lo = stratum.nq[0], stratum.nk[0]
@@ -412,14 +421,12 @@ def case_from_plan(plan: Plan, raw, *, device: str = "cpu", max_scores: int | No
         q, k, v, tags = qkv(shape, fmt, plan.magnitude, seed, scale=scale)
     attn_mask, is_causal, mask_tags = None, plan.mask == "causal", {"fully_masked_rows": 0}
     if plan.mask not in ("none", "causal"):
-        shapes = [m for m in MASK_SHAPES if m.endswith("Nq,Nk")] if plan.mask in (
-            "sliding-window", "fully-masked-rows") else list(MASK_SHAPES)
-        mask_shape = c.pick(shapes)
+        mask_shape = c.pick(mask_shapes(plan.mask))
         attn_mask, mask_tags = mask_array(shape, fmt, plan.mask, mask_shape, seed + 1)
         mask_tags["mask_shape"] = attn_mask.shape
     block_m = block_n = None
     if block_kind == "triton":
-        block_m, block_n = c.pick((16, 32, 64, 128)), c.pick((16, 32, 64, 128))
+        block_m, block_n = c.pick(TRITON_BLOCK_SIZES), c.pick(TRITON_BLOCK_SIZES)
     elif block_kind == "numpy":
         block_m, block_n = c.integer(1, 2 * Nq), c.integer(1, 2 * Nk)
     elif block_kind is not None:

@@ -41,8 +41,16 @@ from flashcheck.properties.inputs import (
     logit_values,
     qkv,
 )
-from flashcheck.properties.masks import MASK_KINDS, MASK_SHAPES, Mask, mask_array
-from flashcheck.properties.plans import CHOICE_MAX, N_CHOICES, Plan, case_from_plan, head_kind, primes_upto
+from flashcheck.properties.masks import MASK_KINDS, MASK_SHAPES, Mask, mask_array, mask_shapes
+from flashcheck.properties.plans import (
+    CHOICE_MAX,
+    N_CHOICES,
+    TRITON_BLOCK_SIZES,
+    Plan,
+    case_from_plan,
+    head_kind,
+    primes_upto,
+)
 from flashcheck.properties.validation import (
     check_bool,
     check_choices,
@@ -80,8 +88,6 @@ __all__ = [
     "shapes",
 ]
 
-#: Block sizes the Triton kernel accepts (powers of two; tl.arange needs them).
-TRITON_BLOCK_SIZES = (16, 32, 64, 128)
 
 #: Head dimensions seen in real models that are not powers of two.
 SPECIAL_HEAD_DIMS = (59, 80, 96, 111, 160)
@@ -424,8 +430,7 @@ def _masks(draw, shape, fmt, kinds):
     if kind == "causal":
         # torch aligns is_causal top-left: row i sees keys 0..i, never none.
         return Mask(None, True, kind, {"fully_masked_rows": 0})
-    allowed = [m for m in MASK_SHAPES if m.endswith("Nq,Nk")] if kind in (
-        "sliding-window", "fully-masked-rows") else list(MASK_SHAPES)
+    allowed = mask_shapes(kind)
     mask_shape = draw(st.sampled_from(allowed))
     event(f"mask shape: ({mask_shape})")
     mask, tags = mask_array(shape, fmt, kind, mask_shape, draw(_seeds))

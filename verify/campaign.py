@@ -41,7 +41,7 @@ from hypothesis import strategies as st
 from hypothesis import target as hypothesis_target
 from hypothesis.errors import Flaky
 
-from flashcheck.properties.plans import PlanDealer, case_from_plan, feature_values
+from flashcheck.properties.plans import DEFAULT_MAX_SCORES, PlanDealer, case_from_plan, feature_values
 from flashcheck.properties.strategies import plan_choices
 from flashcheck.verify import oracle as _oracle
 from flashcheck.verify.capabilities import Capabilities, describe_rule
@@ -104,9 +104,7 @@ class CampaignConfig:
             raise ConfigError(f"--max-seq must be at least 1, got {self.max_seq}")
         self.out = Path(self.out)
         if self.max_scores is None:
-            # The oracle and the bound run on the host in float64: B*H*Nq*Nk
-            # stays within 2**16 on a CPU (the long stratum at 4 heads) and 2**20 on GPU runs.
-            self.max_scores = 2**16 if self.device == "cpu" else 2**20
+            self.max_scores = DEFAULT_MAX_SCORES[self.device]
         try:
             self.values = feature_values(
                 dtypes=self.dtypes, sizes=self.sizes, lengths=("equal",) if self.equal_lengths else None,
@@ -200,6 +198,7 @@ class _Planner:
         self.dealers = {name: PlanDealer(cfg.values, seed=cfg.seed * 1009 + i) for i, name in enumerate(names)}
         self.worst: list = []  # (ratio, plan), the highest first, one entry per plan
         self.turn = 0
+        self.dropped = dict.fromkeys(names, 0)  # how many of each target's rules its dealer has applied
 
     def next_plan(self, index: int):
         """The plan of case ``index`` and how it was chosen ("dealt" or "exploit").
@@ -223,13 +222,13 @@ class _Planner:
         if sharded:
             return self.dealers[owner].deal(), "dealt"
         dealer, cap = self.dealers[owner], self.caps[owner]
-        for rule in cap.rules:  # single-value declines leave the decks; combinations are dealt around
+        for rule in cap.rules[self.dropped[owner]:]:  # new single-value declines leave the decks
             if len(rule) == 1:
                 dealer.drop(*next(iter(rule.items())))
-        plan = dealer.deal(avoid=cap.rules)
+        self.dropped[owner] = len(cap.rules)
+        plan = dealer.deal(avoid=cap.rules)  # combinations are dealt around
         if plan is None:  # nothing left in this target's slice
-            cap.rules.append({})
-            cap.reasons.append("no plan within the allowed feature values avoids its declines")
+            cap.add({}, "no plan within the allowed feature values avoids its declines")
             return self.next_plan(index)
         return plan, "dealt"
 

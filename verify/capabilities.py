@@ -89,7 +89,7 @@ class Capabilities:
                 needed[f] = getattr(plan, f)
         if not needed:
             needed = self._unsupported_plain(current, probe)
-        self._add(needed, reason)
+        self.add(needed, reason)
         # A target that declines one thing usually declines more: on its first
         # decline, every other value of every feature is probed once on the
         # plain case, so the single-feature declines are learnt now instead of
@@ -101,10 +101,11 @@ class Capabilities:
                 for v in self.values[f]:
                     rule = {f: v}
                     if v != self.plain[f] and rule not in self.rules and probe(plain.with_(**rule)):
-                        self._add(rule, reason)
+                        self.add(rule, reason)
         return needed
 
-    def _add(self, rule: dict, reason: str) -> None:
+    def add(self, rule: dict, reason: str) -> None:
+        """Record ``rule`` (once) with the reason the target gave."""
         if rule not in self.rules:
             self.rules.append(rule)
             self.reasons.append(reason)
