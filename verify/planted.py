@@ -27,7 +27,8 @@ import math
 
 import torch
 
-__all__ = ["BLOCK_M", "BLOCK_N", "BROKEN", "CORRECT", "MULTI_TILE", "NARROW"]
+__all__ = ["BLOCK_M", "BLOCK_N", "BROKEN", "CORRECT", "FAULTING", "FAULT_ALIGN", "MISBEHAVING", "MULTI_TILE",
+           "NARROW", "reset_simulated_faults"]
 
 BLOCK_M = 64  # queries per query tile
 BLOCK_N = 64  # keys per key tile
@@ -314,3 +315,67 @@ def raises(query, key, value, **kwargs):
 
 
 MISBEHAVING = ("hangs", "segfaults", "wrong_shape", "wrong_dtype", "raises")
+
+
+# -- simulated device faults, for the isolation's tests on a CPU -------------------
+# Each is correct on head dims that are multiples of FAULT_ALIGN and misbehaves
+# on the others (as kernels with misaligned vector loads do). A fault leaves
+# this process's "context" dead, as a real CUDA fault does: every later call
+# in the process raises too, until reset_simulated_faults().
+
+FAULT_ALIGN = 16
+_DEAD = {"poisons_device": False, "faults_late": False}  # per process
+
+
+def reset_simulated_faults():
+    """Revive the simulated contexts (for tests that call these in-process)."""
+    for name in _DEAD:
+        _DEAD[name] = False
+
+
+def _misaligned(query) -> bool:
+    return query.shape[-1] % FAULT_ALIGN != 0
+
+
+def poisons_device(query, key, value, **kwargs):
+    """Raises "CUDA error: misaligned address" on a head dim that is not a
+    multiple of FAULT_ALIGN, and on every later call in the process."""
+    if _misaligned(query):
+        _DEAD["poisons_device"] = True
+    if _DEAD["poisons_device"]:
+        raise RuntimeError("CUDA error: misaligned address\nCUDA kernel errors might be asynchronously reported at "
+                           "some other API call, so the stacktrace below might be incorrect.")
+    return correct_tiled(query, key, value, **kwargs)
+
+
+def faults_late(query, key, value, **kwargs):
+    """A fault that surfaces one call late, as an asynchronous CUDA error that
+    nothing synchronised on does: a head dim that is not a multiple of
+    FAULT_ALIGN returns a correct output but kills the process's "context";
+    the next call, and every later one, raise an illegal memory access."""
+    if _DEAD["faults_late"]:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    if _misaligned(query):
+        _DEAD["faults_late"] = True
+    return correct_tiled(query, key, value, **kwargs)
+
+
+def crashes_sometimes(query, key, value, **kwargs):
+    """Exits its process abruptly (status 1) on a head dim that is not a
+    multiple of FAULT_ALIGN; correct otherwise."""
+    if _misaligned(query):
+        import os
+
+        os._exit(1)
+    return correct_tiled(query, key, value, **kwargs)
+
+
+def hangs_sometimes(query, key, value, **kwargs):
+    """Never returns on a head dim that is not a multiple of FAULT_ALIGN; correct otherwise."""
+    if _misaligned(query):
+        hangs(query, key, value)
+    return correct_tiled(query, key, value, **kwargs)
+
+
+#: Targets that fault, crash or hang on some cases only.
+FAULTING = ("poisons_device", "faults_late", "crashes_sometimes", "hangs_sometimes")
