@@ -7,7 +7,9 @@ either (rows are preferred, since they allow per-case comparison).
 The new run regresses when any of these holds:
 
 1. a new failure: a (case_id, target) pair fails now and passed, or was
-   absent, before (needs rows on both sides);
+   absent, before (needs rows on both sides), and matches no known issue
+   (a row's ``known`` field, set by the campaign's ``--known`` file or by
+   ``mark_known`` here);
 2. without rows on both sides: a (target, dtype) has more failures than
    before;
 3. the median error/bound ratio of a (target, dtype) grew by more than
@@ -72,6 +74,8 @@ class DiffResult:
     groups: list[GroupShift]
     per_case: bool  # whether both sides had rows, so cases were matched
     common_cases: int
+    known_failures: list[dict] = field(default_factory=list)  # like new_failures, but matching a known issue
+    new_signatures: list[str] = field(default_factory=list)  # failure signatures absent from the old run
 
     def text(self) -> str:
         """A printable report."""
@@ -97,6 +101,15 @@ class DiffResult:
                 lines.append(f"  {f['case_id']} {f['target']} {f['dtype']} (was {f['before']}): {f['reason']}")
             if len(self.new_failures) > 50:
                 lines.append(f"  ... {len(self.new_failures) - 50} more")
+        if self.new_signatures:
+            lines.append("")
+            lines.append(f"new failure signatures ({len(self.new_signatures)}):")
+            lines += [f"  {s}" for s in self.new_signatures]
+        if self.known_failures:
+            lines.append("")
+            lines.append(f"failing, but known issues ({len(self.known_failures)}; no regression):")
+            for f in self.known_failures[:20]:
+                lines.append(f"  {f['case_id']} {f['target']} {f['dtype']}: {f['known']}")
         if self.fixed:
             lines.append("")
             lines.append(f"fixed (failed before, pass now): {len(self.fixed)}")
@@ -165,8 +178,11 @@ def _compare_group(g: GroupShift, factor: float, floor: float, per_case: bool) -
         g.flags.append(f"failures rose {g.old_failures or 0} -> {g.new_failures}")
 
 
-def diff_runs(old, new, *, median_factor: float = MEDIAN_FACTOR, median_floor: float = MEDIAN_FLOOR) -> DiffResult:
-    """Compare run ``old`` with run ``new`` (rows, summary dict, or path)."""
+def diff_runs(old, new, *, median_factor: float = MEDIAN_FACTOR, median_floor: float = MEDIAN_FLOOR,
+              mark_known=None) -> DiffResult:
+    """Compare run ``old`` with run ``new`` (rows, summary dict, or path).
+    ``mark_known(rows)``: sets ``known`` on the rows of known issues (e.g.
+    `flashcheck.verify.known.mark_known` bound to a file), applied to both sides."""
     for name, value in (("median_factor", median_factor), ("median_floor", median_floor)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
@@ -176,9 +192,16 @@ def diff_runs(old, new, *, median_factor: float = MEDIAN_FACTOR, median_floor: f
         raise ValueError(f"median_floor must be positive, got {median_floor}")
     old_rows, old_sum = load_run(old)
     new_rows, new_sum = load_run(new)
+    if mark_known is not None:  # on copies: the caller's rows stay as they were
+        old_rows, new_rows = ([dict(r) for r in rows] if rows is not None else None for rows in (old_rows, new_rows))
+        for rows in (old_rows, new_rows):
+            if rows is not None:
+                mark_known(rows)
+        old_sum = summarize(old_rows) if old_rows is not None else old_sum
+        new_sum = summarize(new_rows) if new_rows is not None else new_sum
     per_case = old_rows is not None and new_rows is not None
 
-    new_failures, fixed, common = [], [], 0
+    new_failures, known_failures, fixed, common = [], [], [], 0
     if per_case:
         before = {(r.get("case_id"), r["target"]): r for r in old_rows}
         for r in new_rows:
@@ -187,8 +210,12 @@ def diff_runs(old, new, *, median_factor: float = MEDIAN_FACTOR, median_floor: f
             if prev is not None:
                 common += 1
             if r["verdict"] == "fail" and (prev is None or prev["verdict"] == "pass"):
-                new_failures.append({"case_id": key[0], "target": key[1], "dtype": r["dtype"],
-                                     "before": "absent" if prev is None else "pass", "reason": r.get("reason")})
+                entry = {"case_id": key[0], "target": key[1], "dtype": r["dtype"],
+                         "before": "absent" if prev is None else "pass", "reason": r.get("reason")}
+                if r.get("known"):
+                    known_failures.append({**entry, "known": r["known"]})
+                else:
+                    new_failures.append(entry)
             elif r["verdict"] == "pass" and prev is not None and prev["verdict"] == "fail":
                 fixed.append({"case_id": key[0], "target": key[1], "dtype": r["dtype"]})
 
@@ -209,6 +236,11 @@ def diff_runs(old, new, *, median_factor: float = MEDIAN_FACTOR, median_floor: f
             g.flags.append("missing from this run")
         groups.append(g)
 
+    new_signatures = []
+    if per_case:
+        old_sigs = {r.get("signature") for r in old_rows if r["verdict"] == "fail"}
+        new_signatures = sorted({r["signature"] for r in new_rows if r["verdict"] == "fail" and r.get("signature")
+                                 and not r.get("known") and r["signature"] not in old_sigs})
     reasons = []
     if new_failures:
         absent = sum(f["before"] == "absent" for f in new_failures)
@@ -217,15 +249,16 @@ def diff_runs(old, new, *, median_factor: float = MEDIAN_FACTOR, median_floor: f
     for g in groups:
         reasons += [f"{g.target} {g.dtype}: {flag}" for flag in g.flags
                     if flag not in ("new in this run", "missing from this run")]
-    return DiffResult(bool(reasons), reasons, new_failures, fixed, groups, per_case, common)
+    return DiffResult(bool(reasons), reasons, new_failures, fixed, groups, per_case, common, known_failures,
+                      new_signatures)
 
 
-def main_diff(old, new, *, file=None) -> int:
+def main_diff(old, new, *, file=None, mark_known=None) -> int:
     """Print the diff of runs ``old`` and ``new``; return 0 (no regression),
     1 (regression) or 2 (a run could not be read: message on stderr)."""
     out = sys.stdout if file is None else file
     try:
-        result = diff_runs(old, new)
+        result = diff_runs(old, new, mark_known=mark_known)
     except (OSError, ValueError, TypeError) as exc:
         print(f"diff: {exc}", file=sys.stderr)
         return 2

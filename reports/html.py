@@ -26,6 +26,7 @@ from pathlib import Path
 from flashcheck.reports.records import HTML_FILE, REPRO_DIR
 from flashcheck.reports.summary import (
     COVERAGE_KEYS,
+    attach_findings,
     case_classes,
     case_shape,
     effective_ratio,
@@ -320,23 +321,61 @@ def _failure_table(rows, out_dir: Path) -> str:
     return _table(["case", "target", "dtype", "shape", "classes", "error/bound", "reason", "repro"], body) + more
 
 
+def _findings_table(summary, *, known: bool) -> str:
+    groups = [g for g in summary.get("findings") or [] if bool(g.get("known")) == known]
+    if not groups:
+        return f'<p class="note">{"No known issue showed." if known else "No new failure."}</p>'
+    body = []
+    for g in groups:
+        small = g.get("minimized") or {}
+        if small.get("reproduced"):
+            shape = case_shape(small)
+            minimal = f"{small.get('dtype')} {shape}, {small.get('layout')}" + (
+                ", causal" if small.get("is_causal") else "") + (f", mask {small['mask']}" if small.get("mask") else "")
+            minimal += f" ({small.get('attempts')} runs, {small.get('seconds')} s)"
+        elif small:
+            minimal = small.get("note", "not reproduced")
+        else:
+            minimal = "–"
+        repro = g.get("repro")
+        link = (f'<td><a href="{_esc(urllib.parse.quote(repro + "/repro.py"))}">{_esc(repro)}/repro.py</a></td>'
+                if repro else "<td>–</td>")
+        cells = [_td(g["target"]), _td(g.get("class") or ""), _td(g.get("symptom") or "", "reason"),
+                 _td(", ".join(g.get("needs") or []) or "–"), _tdn(g["count"]),
+                 _td(f"{g.get('smallest_shape')} ({g.get('smallest_case')})"), _td(minimal), link]
+        if known:
+            cells.append(_td(g.get("known") or "", "reason"))
+        cells.append(_td(g.get("smallest_reason") or "", "reason"))
+        body.append(cells)
+    header = ["target", "class", "symptom", "needs", "runs", "smallest case found", "minimal case", "repro",
+              *(["known issue"] if known else []), "reason (smallest case)"]
+    return _table(header, body)
+
+
 def _banner(summary, inconclusive=None) -> str:
     t = summary["totals"]
     if t["verdict"] == "empty":
         return '<div class="banner empty">NO DATA: the run produced no rows</div>'
     ran = t["rows"] - t["unsupported"]
     extra = f"; {t['unsupported']} unsupported" if t["unsupported"] else ""
-    if t["verdict"] == "pass" and inconclusive:
+    known = f"; {t['known_failures']} runs fail on known issues" if t.get("known_failures") else ""
+    if t["verdict"] in ("pass", "known-only") and inconclusive:
         why = "; ".join(f"{name}: {text}" for name, text in inconclusive.items())
-        text = f"INCONCLUSIVE: {ran} runs within their bounds, but too few cases ran on some target ({why})"
+        text = (f"INCONCLUSIVE: no new failure in {ran} runs{known}, but too few cases ran on some target "
+                f"({why})")
         return f'<div class="banner empty">{_esc(text)}</div>'
     if t["verdict"] == "pass":
         text = f"PASS: all {ran} runs within their error bounds ({t['cases']} cases{extra})"
+    elif t["verdict"] == "known-only":
+        text = (f"NO NEW FAILURE: {t['passed']} of {ran} runs within their error bounds; the other "
+                f"{t['known_failures']} fail on known issues, listed below ({t['cases']} cases{extra})")
+        return f'<div class="banner empty">{_esc(text)}</div>'
+
     else:
         bad = sorted({f"{target} {dtype}" for target, d in summary["groups"].items()
                       for dtype, g in d.items() if g["failures"]})
         text = (f"FAIL: {t['failures']} of {ran} runs exceed their error bounds or misbehave "
-                f"({t['cases']} cases{extra}); failing: {', '.join(bad)}")
+                f"({t['cases']} cases{extra}{known}); failing: {', '.join(bad)}")
     return f'<div class="banner {t["verdict"]}">{_esc(text)}</div>'
 
 
@@ -378,6 +417,7 @@ def render_html(rows, *, title: str = "Attention numerics report", meta: dict | 
     targets, dtypes = summary["totals"]["targets"], summary["totals"]["dtypes"]
     meta = dict(meta or {})
     declined, inconclusive = meta.pop("declined", None), meta.pop("inconclusive", None)
+    attach_findings(summary, meta.pop("findings", None))
     info = {"generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "targets": ", ".join(targets), "dtypes": ", ".join(dtypes), **meta}
     info_table = "<table><tbody>" + "".join(
@@ -389,6 +429,14 @@ def render_html(rows, *, title: str = "Attention numerics report", meta: dict | 
         '<p class="note">A run passes when every output element is within the bound its precision model '
         "certifies (error / bound ≤ 1) and no NaN/Inf appears that the exact answer lacks.</p>",
         info_table,
+        "<h2>Findings</h2>",
+        '<p class="note">New failures grouped by signature (target, class, symptom, trigger and what the '
+        "minimal case needs), each with the smallest case found, the minimized case and a standalone script "
+        "(torch only) to paste into an upstream issue.</p>",
+        _findings_table(summary, known=False),
+        "<h2>Known issues</h2>",
+        '<p class="note">Failures that match the known-issues file: they do not fail the run.</p>',
+        _findings_table(summary, known=True),
         "<h2>What the runs covered</h2>",
         '<p class="note">Runs per stratum and target (pass or fail; declined cases left out). A PASS '
         "covers these strata and nothing else.</p>",
@@ -412,7 +460,7 @@ def render_html(rows, *, title: str = "Attention numerics report", meta: dict | 
             '<p class="note">Failures / runs per class (unsupported runs left out).</p>',
             _heatmap(rows, "magnitude", "mask_kind"), _heatmap(rows, "layout", "dtype"),
             f"<h2>Worst {WORST_ROWS} runs by error / bound</h2>", _worst_table(rows),
-            "<h2>Failures</h2>", _failure_table(rows, Path(out_dir)),
+            "<h2>Failures, one row per run</h2>", _failure_table(rows, Path(out_dir)),
         ]
     parts.append("</body></html>")
     return "\n".join(parts)

@@ -41,6 +41,9 @@ __all__ = [
     "case_shape",
     "coverage",
     "effective_ratio",
+    "attach_findings",
+    "failure_groups",
+    "row_size",
     "read_summary",
     "summarize",
     "validate_rows",
@@ -223,7 +226,8 @@ def _group_summary(rows: list[dict]) -> dict:
     return {
         "cases": len(rows),
         "passed": sum(r["verdict"] == "pass" for r in rows),
-        "failures": sum(r["verdict"] == "fail" for r in rows),
+        "failures": sum(r["verdict"] == "fail" and not r.get("known") for r in rows),
+        "known_failures": sum(r["verdict"] == "fail" and bool(r.get("known")) for r in rows),
         "unsupported": sum(r["verdict"] == "unsupported" for r in rows),
         "ratio_max": ratio_max,
         "ratio_median": ratio_median,
@@ -265,18 +269,71 @@ def summarize(rows) -> dict:
             if r["verdict"] == "fail":
                 counts[str(r.get(key))] += 1
         by_class[key] = dict(sorted(counts.items()))
-    failures = sum(r["verdict"] == "fail" for r in rows)
+    failures = sum(r["verdict"] == "fail" and not r.get("known") for r in rows)
+    known = sum(r["verdict"] == "fail" and bool(r.get("known")) for r in rows)
     totals = {
         "rows": len(rows),
         "cases": len({r.get("case_id") for r in rows}),
         "passed": sum(r["verdict"] == "pass" for r in rows),
         "failures": failures,
+        "known_failures": known,
         "unsupported": sum(r["verdict"] == "unsupported" for r in rows),
         "targets": targets,
         "dtypes": dtypes,
-        "verdict": "empty" if not rows else ("fail" if failures else "pass"),
+        "verdict": "empty" if not rows else ("fail" if failures else "known-only" if known else "pass"),
     }
-    return {"totals": totals, "groups": groups, "failures_by_class": by_class, "coverage": coverage(rows)}
+    return {"totals": totals, "groups": groups, "failures_by_class": by_class, "coverage": coverage(rows),
+            "findings": failure_groups(rows)}
+
+
+def failure_groups(rows) -> list[dict]:
+    """Failing rows grouped by their ``signature`` (rows without one by
+    target and reason), new findings first: signature, target, class,
+    symptom, needs, count, known (the note, or None), first_case, and the
+    smallest case (fewest q/k/v elements) with its shape and reason.
+
+    >>> rows = [{"case_id": "a", "target": "t", "dtype": "fp16", "verdict": "fail", "signature": "t | wrong | x",
+    ...          "B": 1, "H": 1, "Hkv": 1, "Nq": 8, "Nk": 8, "D": 16}]
+    >>> [(g["signature"], g["count"]) for g in failure_groups(rows)]
+    [('t | wrong | x', 1)]
+    """
+    groups: dict = {}
+    for r in rows:
+        if r.get("verdict") != "fail":
+            continue
+        key = r.get("signature") or f"{r['target']} | {r.get('reason')}"
+        groups.setdefault(key, []).append(r)
+    out = []
+    for key, members in groups.items():
+        smallest = min(members, key=row_size)
+        out.append({
+            "signature": key, "target": members[0]["target"], "class": members[0].get("failure_class"),
+            "symptom": members[0].get("symptom"), "needs": members[0].get("needs") or [], "count": len(members),
+            "known": members[0].get("known"), "first_case": members[0].get("case_id"),
+            "smallest_case": smallest.get("case_id"), "smallest_shape": case_shape(smallest),
+            "smallest_reason": smallest.get("reason"),
+        })
+    return sorted(out, key=lambda g: (g["known"] is not None, -g["count"]))
+
+
+def attach_findings(summary: dict, findings) -> dict:
+    """Add to ``summary["findings"]`` what the campaign learnt of each
+    (``minimized`` and ``repro``, from `flashcheck.verify.findings`), matched by signature."""
+    by_signature = {f["signature"]: f for f in findings or []}
+    for group in summary["findings"]:
+        extra = by_signature.get(group["signature"])
+        if extra:
+            group.update(minimized=extra.get("minimized"), repro=extra.get("repro"))
+    return summary
+
+
+def row_size(row: dict) -> int:
+    """Elements of q, k and v of a report row's case (smaller reads easier)."""
+    try:
+        B, H, Hkv, Nq, Nk, D = (int(row[k]) for k in ("B", "H", "Hkv", "Nq", "Nk", "D"))
+    except (KeyError, TypeError, ValueError):
+        return 1 << 62
+    return B * H * Nq * D + 2 * B * Hkv * Nk * D
 
 
 def write_summary(rows, path, *, meta: dict | None = None) -> dict:
@@ -287,11 +344,13 @@ def write_summary(rows, path, *, meta: dict | None = None) -> dict:
         raise TypeError(f"meta must be a dict, got {type(meta).__name__}")
     summary = summarize(rows)
     summary["meta"] = dict(meta or {})
-    # What each target declined, and whether the run said anything, belong beside the coverage.
+    # What each target declined, whether the run said anything, and the
+    # campaign's minimized findings belong beside the coverage.
     for key in ("declined", "inconclusive"):
         if key in summary["meta"]:
             summary[key] = summary["meta"].pop(key)
-    if summary.get("inconclusive") and summary["totals"]["verdict"] == "pass":
+    attach_findings(summary, summary["meta"].pop("findings", None))
+    if summary.get("inconclusive") and summary["totals"]["verdict"] in ("pass", "known-only"):
         summary["totals"]["verdict"] = "inconclusive"
     summary["written"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     path = _summary_path(path)

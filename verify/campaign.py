@@ -32,6 +32,7 @@ import functools
 import json
 import math
 import platform
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +47,9 @@ from flashcheck.properties.strategies import plan_choices
 from flashcheck.verify import oracle as _oracle
 from flashcheck.verify.capabilities import Capabilities, describe_rule
 from flashcheck.verify.check import CaseResult, baseline_error, run_case
+from flashcheck.verify.findings import FindingTracker
 from flashcheck.verify.isolation import IsolatedTarget
+from flashcheck.verify.known import match
 from flashcheck.verify.targets import resolve_target
 
 __all__ = ["CampaignConfig", "ConfigError", "CampaignResult", "run_campaign", "save_repro", "support_floor"]
@@ -85,6 +88,9 @@ class CampaignConfig:
     equal_lengths: bool = False  # only Nq == Nk
     same_dv: bool = False  # only Dv == D
     exploit: float = 0.2  # share of cases that reuse the plan of a worst case so far
+    known: Path | None = None  # known-issues file (flashcheck.verify.known)
+    minimize: float = 60.0  # seconds to shrink each finding's smallest case (0: no minimization)
+    max_findings: int = 20  # findings minimized at most (new ones first)
 
     def __post_init__(self):
         if not self.targets:
@@ -103,6 +109,16 @@ class CampaignConfig:
         if self.max_seq is not None and self.max_seq < 1:
             raise ConfigError(f"--max-seq must be at least 1, got {self.max_seq}")
         self.out = Path(self.out)
+        if self.minimize < 0:
+            raise ConfigError(f"--minimize must be >= 0 seconds, got {self.minimize}")
+        self.known_issues = []
+        if self.known is not None:
+            from flashcheck.verify.known import KnownIssueError, load_known
+
+            try:
+                self.known_issues = load_known(self.known)
+            except KnownIssueError as exc:
+                raise ConfigError(str(exc)) from None
         if self.max_scores is None:
             self.max_scores = DEFAULT_MAX_SCORES[self.device]
         try:
@@ -129,16 +145,19 @@ def support_floor(requested: int) -> int:
 class CampaignResult:
     rows: list = field(default_factory=list)
     cases: int = 0
-    failures: int = 0
+    failures: int = 0  # failing rows that match no known issue
+    known_failures: int = 0  # failing rows that match a known issue
     unsupported: int = 0
     seconds: float = 0.0
     out: Path | None = None
     capabilities: dict = field(default_factory=dict)  # target -> Capabilities
     inconclusive: dict = field(default_factory=dict)  # target -> why it says nothing
+    findings: list = field(default_factory=list)  # flashcheck.verify.findings.Finding, new ones first
 
     @property
     def exit_code(self) -> int:
-        """1: a failure; 3: no failure, but some target ran too few cases; 0: every target tested and passed."""
+        """1: a new failure (one no known issue matches); 3: no new failure, but
+        some target ran too few cases; 0: every target tested and every failure known or none."""
         if self.failures:
             return 1
         return EXIT_INCONCLUSIVE if self.inconclusive else 0
@@ -178,6 +197,7 @@ def _meta(cfg: CampaignConfig) -> dict:
     meta = {
         "targets": cfg.targets, "dtypes": list(cfg.dtypes), "seed": cfg.seed, "device": cfg.device,
         "model": cfg.model, "max_examples": cfg.max_examples, "budget": cfg.budget,
+        "known": None if cfg.known is None else str(cfg.known), "minimize": cfg.minimize,
         "max_seq": cfg.max_seq, "shard": list(cfg.shard), "exploit": cfg.exploit,
         "narrowed to": {f: list(v) for f, v in cfg.values.items() if len(v) < len(feature_values()[f])} or "nothing",
         "python": platform.python_version(), "numpy": numpy.__version__, "torch": torch.__version__,
@@ -272,11 +292,16 @@ def run_campaign(cfg: CampaignConfig) -> CampaignResult:
     cfg.out.mkdir(parents=True, exist_ok=True)
     (cfg.out / "cases.jsonl").unlink(missing_ok=True)
     repro_dir = cfg.out / "repro"
+    if repro_dir.is_dir():  # an earlier run's repros in the same place would pass for this run's
+        shutil.rmtree(repro_dir)
     result = CampaignResult(out=cfg.out, capabilities=caps)
     start = time.monotonic()
     deadline = start + cfg.budget if cfg.budget else math.inf
     bar = _progress(cfg)
     counter = {"n": 0}
+    found_on = {k: v for k, v in _meta(cfg).items() if k in ("gpu", "torch", "python", "date")}
+    tracker = FindingTracker(cfg.out, cfg.device, budget_s=cfg.minimize, max_findings=cfg.max_findings,
+                             meta=found_on)
 
     def build(plan, raw):
         return case_from_plan(plan, raw, device=cfg.device, max_scores=cfg.max_scores, max_seq=cfg.max_seq,
@@ -319,13 +344,18 @@ def run_campaign(cfg: CampaignConfig) -> CampaignResult:
                 rule = cap.learn(plan, row_result.reason,
                                  _declines(runner, cfg.device, functools.partial(build, raw=raw)))
                 row_result.reason = f"{row_result.reason} [declined: {describe_rule(rule)}]"
-            row = row_result.row()
+            row = row_result.row() | {"device": cfg.device}
+            if row_result.verdict == "fail":
+                issue = match(row, cfg.known_issues, cfg.device)
+                if issue is not None:
+                    row["known"] = issue.text()
+                    result.known_failures += 1
+                else:
+                    result.failures += 1
+                tracker.add(len(result.rows), row, save_repro(row_result, repro_dir, cfg.device))
             writer.write(row)
             result.rows.append(row)
-            if row_result.verdict == "fail":
-                result.failures += 1
-                save_repro(row_result, repro_dir, cfg.device)
-            elif row_result.verdict == "unsupported":
+            if row_result.verdict == "unsupported":
                 result.unsupported += 1
             if row_result.ratio is not None and math.isfinite(row_result.ratio):
                 worst = max(worst or 0.0, row_result.ratio)
@@ -336,7 +366,8 @@ def run_campaign(cfg: CampaignConfig) -> CampaignResult:
         planner.record(plan, worst)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(failures=result.failures, elapsed=f"{time.monotonic() - start:.0f}s")
+            bar.set_postfix(failures=result.failures, known=result.known_failures,
+                            elapsed=f"{time.monotonic() - start:.0f}s")
 
     try:
         with CaseWriter(cfg.out / "cases.jsonl") as writer:
@@ -347,6 +378,11 @@ def run_campaign(cfg: CampaignConfig) -> CampaignResult:
                 # before (we stop drawing then): only then is this expected.
                 if time.monotonic() <= deadline:
                     raise
+        if bar is not None:
+            bar.set_description("minimizing")
+        result.findings = tracker.finish(result.rows, {r.name: r for r in runners})
+        if result.findings:  # the rows' signatures now carry what each bug needs
+            _rewrite_rows(cfg.out / "cases.jsonl", result.rows)
     finally:
         for runner in runners:
             if isinstance(runner, IsolatedTarget):
@@ -357,7 +393,8 @@ def run_campaign(cfg: CampaignConfig) -> CampaignResult:
     result.inconclusive = _inconclusive(result, cfg)
     meta = _meta(cfg) | {"seconds": round(result.seconds, 1),
                          "declined": {n: c.summary() for n, c in caps.items()},
-                         "inconclusive": result.inconclusive}
+                         "inconclusive": result.inconclusive,
+                         "findings": [f.as_dict(result.rows) for f in result.findings]}
     write_reports(result.rows, cfg.out, meta)
     return result
 
@@ -374,6 +411,18 @@ def _inconclusive(result: CampaignResult, cfg: CampaignConfig) -> dict:
             declined = "; ".join(describe_rule(r) for r in cap.rules) or "nothing"
             out[name] = (f"ran {ran} of {result.cases} cases (floor {floor}); declined: {declined}")
     return out
+
+
+def _rewrite_rows(path: Path, rows: list) -> None:
+    """Replace ``cases.jsonl`` by ``rows`` (atomically: a crash keeps the old file)."""
+    from flashcheck.reports.records import CaseWriter
+
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    with CaseWriter(tmp) as writer:
+        for row in rows:
+            writer.write(row)
+    tmp.replace(path)
 
 
 def write_reports(rows: list, out: Path, meta: dict) -> None:

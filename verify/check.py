@@ -25,7 +25,10 @@ from flashcheck.properties.case import Case
 from flashcheck.verify import metrics as _metrics
 from flashcheck.verify import oracle as _oracle
 from flashcheck.verify.bounds import Bound, attention_bound
+from flashcheck.verify.explain import case_features, diagnose, row_features, trigger, visibility
 from flashcheck.verify.grad_bounds import GradBound, gradient_bound
+from flashcheck.verify.isolation import classify_exception, fault_kind
+from flashcheck.verify.signatures import normalize_message, signature_key, symptom_for
 
 __all__ = ["CaseResult", "GradJudgement", "Judgement", "baseline_error", "error_ratio", "judge", "judge_gradients",
            "run_case"]
@@ -40,6 +43,8 @@ class Judgement:
     metrics: _metrics.Metrics | None
     bound: Bound | None
     worst_at: tuple = ()
+    kind: str | None = None  # the failure class (`flashcheck.verify.signatures.FAILURE_CLASSES`) of a failure
+    allowed: float | None = None  # bound + oracle error at ``worst_at``
 
 
 @dataclass
@@ -58,8 +63,10 @@ class CaseResult:
     bound_max: float | None = None
     oracle_mp_rows: int | None = None
     seconds: float = 0.0
+    failure: dict = field(default_factory=dict)  # class, symptom, trigger, features, signature, at, allowed
 
     def row(self) -> dict:
+        failure = {f"failure_{k}" if k in ("class", "at") else k: v for k, v in self.failure.items()}
         return {
             **self.case.describe(),
             "target": self.target,
@@ -72,6 +79,7 @@ class CaseResult:
             "bound_max": self.bound_max,
             "oracle_mp_rows": self.oracle_mp_rows,
             "seconds": round(self.seconds, 4),
+            **failure,
             **{f"m_{k}": v for k, v in self.metrics.items()},
         }
 
@@ -179,24 +187,28 @@ def judge(case: Case, out, lse=None, *, model: PrecisionModel, ref=None, bounds:
     ref = ref if ref is not None and ref.s is not None else _oracle.attention_case(case, keep=True, with_grad=False)
     o = to_float64(out)
     if o.shape != ref.out.shape:
-        return Judgement("fail", f"output shape {o.shape}, expected {ref.out.shape}", np.inf, None, None, None)
+        return Judgement("fail", f"output shape {o.shape}, expected {ref.out.shape}", np.inf, None, None, None,
+                         kind="shape")
     m = _metrics.compare(o, ref, case.dtype)
     bound = _bound(case, ref, model, bounds)
     bad = ~np.isfinite(o)
     if bad.any():
         idx = tuple(int(i) for i in np.argwhere(bad)[0])
-        return Judgement("fail", f"non-finite output {o[idx]} at {idx} from finite inputs", np.inf, None, m, bound, idx)
+        return Judgement("fail", f"non-finite output {o[idx]} at {idx} from finite inputs", np.inf, None, m, bound, idx,
+                         kind="non-finite")
     err = np.abs(o - ref.out)
     ratio, at = _ratio(err, bound.out + ref.err_bound)
     lse_ratio = None
-    reason = None
+    reason = kind = None
+    allowed = float(bound.out[at] + ref.err_bound[at]) if at else None
     if ratio > 1:
         reason = (f"error {err[at]:.3g} exceeds bound {bound.out[at]:.3g} at {at} "
                   f"(ratio {ratio:.3g}, model {model.name})")
+        kind = "wrong"
     if lse is not None:
         lt = to_float64(lse)
         if lt.shape != ref.lse.shape:
-            reason = reason or f"lse shape {lt.shape}, expected {ref.lse.shape}"
+            reason, kind = (reason, kind) if reason else (f"lse shape {lt.shape}, expected {ref.lse.shape}", "shape")
             lse_ratio = np.inf
         else:
             both_inf = np.isneginf(lt) & np.isneginf(ref.lse)
@@ -207,20 +219,9 @@ def judge(case: Case, out, lse=None, *, model: PrecisionModel, ref=None, bounds:
             if lse_ratio > 1 and reason is None:
                 reason = (f"lse error {lerr[lat]:.3g} exceeds bound {bound.lse[lat]:.3g} at {lat} "
                           f"(ratio {lse_ratio:.3g})")
+                kind, at = "lse", lat
     verdict = "fail" if reason else "pass"
-    return Judgement(verdict, reason, ratio, lse_ratio, m, bound, at)
-
-
-def _visibility(case: Case, B: int, H: int, Nq: int, Nk: int) -> np.ndarray:
-    """(B, H, Nq, Nk): which keys each query may attend to."""
-    vis = np.ones((B, H, Nq, Nk), dtype=bool)
-    if case.is_causal:
-        vis &= np.tril(np.ones((Nq, Nk), dtype=bool))
-    if case.attn_mask is not None:
-        mask = np.asarray(case.attn_mask)
-        allowed = mask if mask.dtype == bool else ~np.isneginf(to_float64(mask))
-        vis &= np.broadcast_to(allowed, vis.shape)
-    return vis
+    return Judgement(verdict, reason, ratio, lse_ratio, m, bound, at, kind=kind, allowed=allowed)
 
 
 def _judge_nonfinite(case: Case, out, model: PrecisionModel) -> Judgement:
@@ -236,24 +237,25 @@ def _judge_nonfinite(case: Case, out, model: PrecisionModel) -> Judgement:
     kv_bad = np.repeat(~(np.isfinite(k).all(-1) & np.isfinite(v).all(-1)), group, axis=1)
     q_nan = np.isnan(q).any(-1)  # (B, H, Nq)
     q_bad = ~np.isfinite(q).all(-1)
-    visible = _visibility(case, B, H, Nq, k.shape[2])
+    visible = visibility(case)
     # A fully masked row reads nothing, not even its query: its output is 0.
     must_be_bad = (q_nan & visible.any(-1)) | (visible & kv_nan[:, :, None, :]).any(-1)
     may_be_clean = ~q_bad & ~kv_bad.any(-1)[:, :, None]
     o = to_float64(out)
     if o.shape[:3] != (B, H, Nq):
-        return Judgement("fail", f"output shape {o.shape} does not match q's {q.shape[:3]}", np.inf, None, None, None)
+        return Judgement("fail", f"output shape {o.shape} does not match q's {q.shape[:3]}", np.inf, None, None, None,
+                         kind="shape")
     row_bad = ~np.isfinite(o).all(-1)
     silent = must_be_bad & ~row_bad
     if silent.any():
         idx = tuple(int(i) for i in np.argwhere(silent)[0])
         return Judgement("fail", f"row {idx} reads a NaN input but its output is finite", np.inf, None, None,
-                         None, idx)
+                         None, idx, kind="nan-dropped")
     leak = may_be_clean & row_bad
     if leak.any():
         idx = tuple(int(i) for i in np.argwhere(leak)[0])
         return Judgement("fail", f"row {idx} has only finite inputs but a non-finite output", np.inf, None, None,
-                         None, idx)
+                         None, idx, kind="nan-leak")
     if not may_be_clean.any():
         return Judgement("pass", None, 0.0, None, None, None)
     zeroed = case.replace(**{name: _zero_nonfinite(getattr(case, name)) for name in ("q", "k", "v")})
@@ -262,10 +264,12 @@ def _judge_nonfinite(case: Case, out, model: PrecisionModel) -> Judgement:
     clean = np.broadcast_to(may_be_clean[..., None], o.shape)
     err = np.where(clean, np.abs(o - ref.out), 0.0)
     ratio, at = _ratio(err, bound.out + ref.err_bound)
+    allowed = float(bound.out[at] + ref.err_bound[at]) if at else None
     if ratio > 1:
         return Judgement("fail", f"error {err[at]:.3g} exceeds bound {bound.out[at]:.3g} at {at} on a row with "
-                         f"finite inputs (ratio {ratio:.3g})", ratio, None, None, bound, at)
-    return Judgement("pass", None, ratio, None, None, bound, at)
+                         f"finite inputs (ratio {ratio:.3g})", ratio, None, None, bound, at, kind="wrong",
+                         allowed=allowed)
+    return Judgement("pass", None, ratio, None, None, bound, at, allowed=allowed)
 
 
 def _zero_nonfinite(arr: np.ndarray) -> np.ndarray:
@@ -278,7 +282,11 @@ def run_case(case: Case, target, *, device: str = "cpu", ref=None, baseline: boo
     """Run ``target`` (a `flashcheck.verify.targets.Target`) on ``case`` and judge it.
     ``baseline_err`` (from `baseline_error`) saves recomputing the naive
     baseline for each target of the same case; ``bounds`` (an empty dict per
-    case) does the same for the error bound of each precision model."""
+    case) does the same for the error bound of each precision model.
+
+    A failing result carries ``failure``: its class, symptom, trigger and
+    features (`flashcheck.verify.explain`), its signature, the failing index
+    and the error allowed there; the reason names the features."""
     model = target.model_for(case.dtype, device)
     start = time.perf_counter()
     result = CaseResult(case=case, target=target.name, model=model.name, verdict="fail")
@@ -289,11 +297,15 @@ def run_case(case: Case, target, *, device: str = "cpu", ref=None, baseline: boo
         result.seconds = time.perf_counter() - start
         return result
     except Exception as exc:  # a target that raises is a failing case
-        result.reason = f"raised {type(exc).__name__}: {exc}"
-        result.metrics = {"traceback": traceback.format_exc(limit=3)[-800:]}
         result.seconds = time.perf_counter() - start
-        return result
-    result.seconds = time.perf_counter() - start
+        if getattr(exc, "fresh_output", None) is None:
+            _describe_exception(result, exc, device)
+            return result
+        # A fault in a warm worker that a fresh worker did not repeat: judge what the fresh one returned.
+        produced, warm_fault = exc.fresh_output, exc
+    else:
+        result.seconds = time.perf_counter() - start
+        warm_fault = None
     out = produced.out
     expected = format_of(case.q.dtype)
     try:
@@ -302,6 +314,7 @@ def run_case(case: Case, target, *, device: str = "cpu", ref=None, baseline: boo
         got = None
     if got is not expected:
         result.reason = f"output dtype {getattr(out, 'dtype', type(out))}, expected {expected.name}"
+        _describe_failure(result, "dtype")
         return result
     if ref is None and not _nonfinite_inputs(case):
         ref = _oracle.attention_case(case, keep=True, with_grad=False)
@@ -314,11 +327,62 @@ def run_case(case: Case, target, *, device: str = "cpu", ref=None, baseline: boo
         result.bound_max = float(np.max(j.bound.out, initial=0.0))
     if ref is not None:
         result.oracle_mp_rows = ref.mp_rows
+    if j.verdict == "fail":
+        at, diagnosis = j.worst_at, None
+        if j.kind in ("wrong", "non-finite", "nan-dropped", "nan-leak"):
+            diagnosis = diagnose(case, out, at, allowed=j.allowed or 0.0)
+        _describe_failure(result, j.kind or "wrong", at=at, allowed=j.allowed if j.kind == "wrong" else None,
+                          diagnosis=diagnosis)
+    if warm_fault is not None:
+        if j.verdict == "fail":
+            result.reason = f"{result.reason} (from a fresh process, after: {warm_fault})"
+        else:
+            result.verdict, result.reason = "fail", f"{warm_fault}; the fresh output passes (ratio {j.ratio:.3g})"
+            name = fault_kind(str(warm_fault)) or normalize_message(str(warm_fault))
+            _describe_failure(result, warm_fault.kind, symptom=f"{name}, not reproduced in a fresh process")
     if baseline and ref is not None and j.metrics is not None and np.isfinite(j.metrics.max_abs_err):
         base_err = baseline_error(case, ref) if baseline_err is None else baseline_err
         if np.isfinite(base_err):  # the naive baseline itself may overflow or give NaN
             result.baseline_ratio = _metrics.baseline_ratio(j.metrics.max_abs_err, base_err)
     return result
+
+
+def _describe_exception(result: CaseResult, exc: Exception, device: str) -> None:
+    """A target that raised, faulted, crashed or hung: the reason and the failure."""
+    kind = getattr(exc, "kind", None)  # a TargetCrash from the isolated worker knows its kind
+    if kind is None:
+        kind, message = classify_exception(exc, device), f"{type(exc).__name__}: {exc}"
+        result.reason = f"raised {message}"
+    else:
+        message = result.reason = str(exc)
+        message = message.removeprefix("target raised ")
+    result.metrics = {"traceback": traceback.format_exc(limit=3)[-800:]}
+    symptom = fault_kind(message) if kind == "fault" else None
+    if kind == "crash":  # "target process killed by signal SIGSEGV, in a fresh process ..." -> the first part
+        symptom = message.split(",")[0]
+    _describe_failure(result, kind, symptom=symptom or symptom_for(kind, message=message))
+
+
+def _describe_failure(result: CaseResult, kind: str, *, at=(), allowed=None, diagnosis=None, symptom=None) -> None:
+    """Fill ``result.failure`` and append to the reason what is special about
+    the failing row and what the wrong value looks like."""
+    case = result.case
+    rows = row_features(case, at) if at else []
+    features = rows + case_features(case)
+    symptom = symptom or symptom_for(kind, diagnosis=diagnosis)
+    why = trigger(rows)
+    result.failure = {
+        "class": kind, "symptom": symptom, "trigger": why, "features": features,
+        "signature": signature_key(result.target, kind, symptom, why),
+        "at": [int(i) for i in at] if at else None, "allowed": allowed,
+    }
+    notes = []
+    if rows:
+        notes.append(f"row {tuple(int(i) for i in at[:3])}: {', '.join(rows)}")
+    if diagnosis:
+        notes.append(diagnosis)
+    if notes and result.reason:
+        result.reason = f"{result.reason}; {'; '.join(notes)}"
 
 
 def baseline_error(case: Case, ref) -> float:

@@ -162,6 +162,14 @@ def setup_fuzz(parser: argparse.ArgumentParser) -> None:
                         help="share of cases that reuse the plan of a worst case so far (default 0.2, at most 0.5)")
     parser.add_argument("--crosscheck", type=int, default=0, metavar="ROWS",
                         help="re-check this many oracle rows per case with pure mpmath at twice the precision")
+    parser.add_argument("--known", default=None, metavar="FILE",
+                        help="known-issues file (TOML): matching failures are reported as known and do not fail "
+                             "the exit status")
+    parser.add_argument("--minimize", type=float, default=60.0, metavar="SECONDS",
+                        help="time to shrink each finding's smallest case into a standalone repro (default 60; "
+                             "0: none)")
+    parser.add_argument("--max-findings", type=int, default=20, metavar="N",
+                        help="findings minimized at most, new ones first (default 20)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -199,12 +207,18 @@ def run_fuzz(args: argparse.Namespace) -> int:
             layouts=_names(args.layouts, "layout", LAYOUTS), head_dims=_head_dims(args.head_dims),
             equal_lengths=args.equal_lengths, same_dv=args.same_dv, exploit=args.exploit,
             timeout=args.timeout, isolate=not args.no_isolate, progress=not args.no_progress, shard=(index, count),
+            known=args.known, minimize=args.minimize, max_findings=args.max_findings,
         )
         result = run_campaign(cfg)
     except (ConfigError, TargetError) as exc:
         raise UsageError(str(exc)) from None
-    print(f"{result.cases} cases, {len(result.rows)} runs: {result.failures} failed, "
+    known = f" ({result.known_failures} more match known issues)" if result.known_failures else ""
+    print(f"{result.cases} cases, {len(result.rows)} runs: {result.failures} failed{known}, "
           f"{result.unsupported} unsupported, in {result.seconds:.0f} s; report: {cfg.out / 'index.html'}")
+    for finding in result.findings:
+        mark = "known" if finding.known else "NEW"
+        where = f"; repro: {cfg.out / finding.repro}" if finding.repro else ""
+        print(f"  [{mark}] {finding.signature} ({len(finding.rows)} runs){where}")
     for name, cap in result.capabilities.items():
         if cap.rules:
             print(f"{name} declined: " + "; ".join(d["text"] for d in cap.summary()["declined"]))
@@ -219,7 +233,8 @@ register_command("fuzz", "run a fuzz campaign against one or more targets", setu
 # -- replay -------------------------------------------------------------------
 
 def setup_replay(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("file", help="a repro .npz written by a campaign (repro/) or a property (reports/failures/)")
+    parser.add_argument("file", help="a repro .npz written by a campaign (repro/) or a property (reports/failures/), "
+                        "or a finding's repro directory (repro/<signature>/)")
     parser.add_argument("--target", default=None, help="target to run (default: the one recorded in the file)")
     parser.add_argument("--model", default=None, help="precision model (default: the recorded one)")
     parser.add_argument("--device", default=None, choices=("cpu", "cuda"))
@@ -235,6 +250,8 @@ def run_replay(args: argparse.Namespace) -> int:
     from flashcheck.verify.targets import TargetError, resolve_target
 
     path = Path(args.file)
+    if path.is_dir() and (path / "case.npz").is_file():
+        path = path / "case.npz"
     if not path.is_file():
         raise UsageError(f"no such file: {path}")
     try:
@@ -275,13 +292,26 @@ register_command("replay", "re-run one saved case and print its verdict and metr
 def setup_diff(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("old", help="previous run: a directory, cases.jsonl or summary.json")
     parser.add_argument("new", help="new run: a directory, cases.jsonl or summary.json")
+    parser.add_argument("--known", default=None, metavar="FILE",
+                        help="known-issues file: failures that match it are no regression")
 
 
 def run_diff(args: argparse.Namespace) -> int:
     from flashcheck.reports.diff import main_diff
 
-    code = main_diff(args.old, args.new)
-    return code
+    known = None
+    if args.known is not None:
+        from flashcheck.verify.known import KnownIssueError, load_known, mark_known
+
+        try:
+            issues = load_known(args.known)
+        except KnownIssueError as exc:
+            raise UsageError(str(exc)) from None
+
+        def known(rows):
+            mark_known(rows, issues)
+
+    return main_diff(args.old, args.new, mark_known=known)
 
 
 register_command("diff", "compare two runs; exit 1 on a regression", setup_diff, run_diff)

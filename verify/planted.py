@@ -106,6 +106,8 @@ def _flash(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=Fals
         if is_causal:
             i = rows - q0 if bug == "causal_tile_local_row" else rows  # the row index within the tile
             vis_q = vis_q & ((j < i[:, None]) if bug == "wrong_mask" else (j <= i[:, None]))
+        if bug == "fully_masked_unmasked":
+            vis_q = vis_q | ~vis_q.any(-1, keepdim=True)  # a row that sees nothing sees everything
         out[:, :, q0:q1] = _key_loop(q[:, :, rows], k, v, vis_q, bias_q, scale, dtype, bug)
     return out.to(dtype).to(device)
 
@@ -218,6 +220,8 @@ BROKEN = {
     "gqa_head_mapping": "query head h uses kv head h % Hkv instead of h // (H / Hkv)",
     "batch_stride": "inputs are read as if contiguous, ignoring their strides",
     "fully_masked_rows": "rows with no visible key give 0/0 = NaN",
+    "fully_masked_unmasked": "rows with no visible key (bool mask or causal) attend to every key, as cuDNN SDPA "
+                             "was measured to do",
     "head_dim_padding": "head dims that are not powers of two are loaded unmasked up to the next power of two",
     "low_precision_logits": "logits are rounded to the input dtype before exp",
     "causal_tile_local_row": "the causal mask of query tiles after the first uses the row index within the tile",

@@ -1,0 +1,255 @@
+"""What is special about a failing case: features a person can act on.
+
+A verdict says *that* an element is wrong; this module says *where it sits*
+and *what the wrong value looks like*, from the case alone:
+
+- `case_features`: properties of the whole call that kernels get wrong
+  (GQA, causal with Nq != Nk, non-contiguous layouts, a mask, ragged lengths,
+  odd head dims, the magnitude class of the inputs);
+- `row_features`: properties of the failing query row (no visible key, a
+  NaN or Inf it reads, or one that hides only behind the mask, the last
+  partial tile);
+- `diagnose`: which plausible wrong semantics the observed row equals (the
+  mask ignored, causal aligned bottom-right, the wrong KV head, zeros, ...).
+
+Every feature is one of the fixed strings below, so that known-issue files
+(`flashcheck.verify.known`) can name them. General features ("shared KV heads",
+"attn_mask", "non-contiguous layout") come before their specific kinds.
+
+>>> import numpy as np
+>>> from flashcheck.properties.case import Case
+>>> q = np.ones((1, 2, 3, 16), np.float16); kv = np.ones((1, 1, 5, 16), np.float16)
+>>> case_features(Case(q, kv, kv, enable_gqa=True, is_causal=True))[:4]
+['shared KV heads', 'MQA', 'causal', 'causal with Nq != Nk']
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from flashcheck.kernels.precision import format_of, to_float64
+from flashcheck.properties.case import Case
+
+__all__ = [
+    "CASE_FEATURES",
+    "ROW_FEATURES",
+    "TILE",
+    "TRIGGERS",
+    "case_features",
+    "diagnose",
+    "row_features",
+    "trigger",
+    "visibility",
+]
+
+#: Tile edge used for "ragged" features: most fused kernels tile by 64 or 128,
+#: and a length that is not a multiple of 64 is not one of 128 either.
+TILE = 64
+
+#: Case-level features, in report order.
+CASE_FEATURES = (
+    "shared KV heads", "MQA", "GQA", "causal", "causal with Nq != Nk", "attn_mask", "bool mask", "additive mask",
+    "-inf in additive mask", "non-contiguous layout", "bnhd layout", "strided layout", "Dv != D",
+    "head dim not a multiple of 8", "head dim not a multiple of 16",
+    "head dim over 128", "Nq not a multiple of 64", "Nk not a multiple of 64", "Nk over 65536", "single query",
+    "explicit scale", "NaN in inputs", "Inf in inputs",
+)
+#: Row-level features of the failing query row, in report order.
+ROW_FEATURES = (
+    "fully masked row", "NaN in query row", "Inf in query row", "reads NaN key/value", "reads Inf key/value",
+    "NaN/Inf only in masked keys", "row sees one key", "row in last partial query tile",
+    "row sees the last partial key tile",
+)
+#: Row features strong enough to name a failure by (`trigger`), strongest first.
+TRIGGERS = ("fully masked row", "NaN in query row", "reads NaN key/value", "Inf in query row",
+            "reads Inf key/value", "NaN/Inf only in masked keys")
+
+
+def visibility(case: Case) -> np.ndarray:
+    """(B, H, Nq, Nk) bools: which keys each query may attend to (SDPA's
+    top-left causal alignment, bool masks True = attend, additive -inf = masked)."""
+    B, H, Nq, _ = case.q.shape
+    Nk = case.k.shape[2]
+    vis = np.ones((B, H, Nq, Nk), dtype=bool)
+    if case.is_causal:
+        vis &= np.tril(np.ones((Nq, Nk), dtype=bool))
+    if case.attn_mask is not None:
+        mask = np.asarray(case.attn_mask)
+        allowed = mask if mask.dtype == bool else ~np.isneginf(to_float64(mask))
+        vis &= np.broadcast_to(allowed, vis.shape)
+    return vis
+
+
+def case_features(case: Case) -> list[str]:
+    """The `CASE_FEATURES` that hold for ``case``, in that order."""
+    B, H, Nq, D = case.q.shape
+    Hkv, Nk, Dv = case.k.shape[1], case.k.shape[2], case.v.shape[3]
+    mask = case.attn_mask
+    values = [to_float64(t) for t in (case.q, case.k, case.v)]
+    holds = {
+        "shared KV heads": Hkv < H,
+        "attn_mask": mask is not None,
+        "non-contiguous layout": case.layout != "contiguous",
+        "MQA": Hkv == 1 and H > 1,
+        "GQA": 1 < Hkv < H,
+        "causal": case.is_causal,
+        "causal with Nq != Nk": case.is_causal and Nq != Nk,
+        "bool mask": mask is not None and mask.dtype == bool,
+        "additive mask": mask is not None and mask.dtype != bool,
+        "-inf in additive mask": mask is not None and mask.dtype != bool and bool(np.isneginf(to_float64(mask)).any()),
+        "bnhd layout": case.layout == "bnhd",
+        "strided layout": case.layout == "strided",
+        "Dv != D": Dv != D,
+        "head dim not a multiple of 8": D % 8 != 0,
+        "head dim not a multiple of 16": D % 16 != 0,
+        "head dim over 128": max(D, Dv) > 128,
+        "Nq not a multiple of 64": Nq % TILE != 0,
+        "Nk not a multiple of 64": Nk % TILE != 0,
+        "Nk over 65536": Nk > 65536,
+        "single query": Nq == 1,
+        "explicit scale": case.scale is not None,
+        "NaN in inputs": any(np.isnan(x).any() for x in values),
+        "Inf in inputs": any(np.isinf(x).any() for x in values),
+    }
+    feats = [f for f in CASE_FEATURES if holds[f]]
+    if case.magnitude not in ("normal", None):
+        feats.append(f"magnitude {case.magnitude}")
+    return feats
+
+
+def row_features(case: Case, at) -> list[str]:
+    """The `ROW_FEATURES` of query row ``at[:3]`` = (b, h, i), in that order;
+    [] when ``at`` does not name a row."""
+    if at is None or len(at) < 3:
+        return []
+    b, h, i = (int(x) for x in at[:3])
+    B, H, Nq, _ = case.q.shape
+    if not (0 <= b < B and 0 <= h < H and 0 <= i < Nq):
+        return []
+    Nk = case.k.shape[2]
+    hk = h // (H // case.k.shape[1])
+    seen = visibility(case)[b, h, i]
+    q = to_float64(case.q[b, h, i])
+    k, v = to_float64(case.k[b, hk]), to_float64(case.v[b, hk])
+    kv_nan = np.isnan(k).any(-1) | np.isnan(v).any(-1)
+    kv_inf = np.isinf(k).any(-1) | np.isinf(v).any(-1)
+    last_q = Nq - Nq % TILE
+    holds = {
+        "fully masked row": not seen.any(),
+        "NaN in query row": bool(np.isnan(q).any()),
+        "Inf in query row": bool(np.isinf(q).any()),
+        "reads NaN key/value": bool((kv_nan & seen).any()),
+        "reads Inf key/value": bool((kv_inf & seen).any()),
+        "NaN/Inf only in masked keys": bool(((kv_nan | kv_inf) & ~seen).any() and not ((kv_nan | kv_inf) & seen).any()),
+        "row sees one key": int(seen.sum()) == 1,
+        "row in last partial query tile": Nq % TILE != 0 and i >= last_q,
+        "row sees the last partial key tile": Nk % TILE != 0 and bool(seen[Nk - Nk % TILE:].any()),
+    }
+    return [f for f in ROW_FEATURES if holds[f]]
+
+
+def trigger(features) -> str | None:
+    """The strongest of ``features`` that names a failure (`TRIGGERS`), or None."""
+    for name in TRIGGERS:
+        if name in features:
+            return name
+    return None
+
+
+# -- diagnosis ------------------------------------------------------------------
+def _row_attention(q, k, v, visible, scale) -> np.ndarray:
+    """One query row of attention in float64; a row with no visible key is 0."""
+    if not visible.any():
+        return np.zeros(v.shape[-1])
+    s = np.where(visible, (k @ q) * scale, -np.inf)
+    p = np.exp(s - s.max())
+    return (p / p.sum()) @ v
+
+
+def _alternatives(case: Case, b: int, h: int, i: int) -> dict:
+    """Row (b, h, i) under plausible wrong semantics, in float64."""
+    B, H, Nq, D = case.q.shape
+    Hkv, Nk = case.k.shape[1], case.k.shape[2]
+    group = H // Hkv
+    q = np.nan_to_num(to_float64(case.q[b, h, i]), nan=0.0, posinf=0.0, neginf=0.0)
+    k = np.nan_to_num(to_float64(case.k[b]), nan=0.0, posinf=0.0, neginf=0.0)
+    v = np.nan_to_num(to_float64(case.v[b]), nan=0.0, posinf=0.0, neginf=0.0)
+    scale = case.scale if case.scale is not None else 1.0 / math.sqrt(D)
+    causal = np.arange(Nk) <= i
+    explicit = np.ones(Nk, dtype=bool)
+    if case.attn_mask is not None:
+        m = np.broadcast_to(np.asarray(case.attn_mask), (B, H, Nq, Nk))[b, h, i]
+        explicit = m if m.dtype == bool else ~np.isneginf(to_float64(m))
+    seen = explicit & (causal if case.is_causal else True)
+    hk = h // group
+    alts = {}
+    if case.attn_mask is not None:
+        unmasked = causal if case.is_causal else np.ones(Nk, dtype=bool)
+        alts["the attn_mask ignored"] = _row_attention(q, k[hk], v[hk], unmasked, scale)
+    if case.is_causal:
+        alts["causal ignored"] = _row_attention(q, k[hk], v[hk], explicit, scale)
+        if Nq != Nk:
+            bottom_right = np.arange(Nk) <= i + Nk - Nq
+            alts["causal aligned bottom-right"] = _row_attention(q, k[hk], v[hk], explicit & bottom_right, scale)
+    if group > 1 or Hkv > 1:
+        for name, other in (("KV head h % Hkv", h % Hkv), ("KV head 0", 0)):
+            if other != hk:
+                alts[f"the wrong KV head ({name})"] = _row_attention(q, k[other], v[other], seen, scale)
+    if scale != 1.0:
+        alts["scale 1 (scale ignored)"] = _row_attention(q, k[hk], v[hk], seen, 1.0)
+    if case.scale is not None and case.scale != 1.0 / math.sqrt(D):
+        alts["the default scale 1/sqrt(D)"] = _row_attention(q, k[hk], v[hk], seen, 1.0 / math.sqrt(D))
+    if seen.any():
+        alts["the mean of the visible values (uniform weights)"] = v[hk][seen].mean(axis=0)
+    return alts
+
+
+def diagnose(case: Case, out, at, *, allowed: float = 0.0) -> str | None:
+    """What the observed row ``out[at[:3]]`` looks like, when it is plainly
+    one thing: "all NaN", "all zero", a subnormal element ``out[at]`` flushed
+    to zero, or "equals <alternative>" for the first
+    wrong semantics it matches (`_alternatives`). A row matches an
+    alternative when its distance to it is at most ``tol`` and at most 1/16
+    of its distance to the exact row, where ``tol`` is ``allowed`` (the
+    bound at the failing element) or 8 units in the last place of the
+    row's largest value, whichever is larger. None when nothing fits."""
+    if at is None or len(at) < 3:
+        return None
+    b, h, i = (int(x) for x in at[:3])
+    o = to_float64(out)
+    if o.ndim != 4 or not (b < o.shape[0] and h < o.shape[1] and i < o.shape[2]):
+        return None
+    row = o[b, h, i]
+    if np.isnan(row).all():
+        return "output row is all NaN"
+    if not np.isfinite(row).all():
+        return "output row has NaN or Inf"
+    exact_case = case.replace(**{n: _finite(getattr(case, n)) for n in ("q", "k", "v")})
+    alts = _alternatives(exact_case, b, h, i)
+    seen = visibility(case)[b, h, i]
+    hk = h // (case.q.shape[1] // case.k.shape[1])
+    scale = case.scale if case.scale is not None else 1.0 / math.sqrt(case.q.shape[3])
+    exact = _row_attention(to_float64(exact_case.q[b, h, i]), to_float64(exact_case.k[b, hk]),
+                           to_float64(exact_case.v[b, hk]), seen, scale)
+    if not row.any():
+        return "output row is all zero" if exact.any() else None
+    fmt = format_of(case.q.dtype)
+    if len(at) == 4 and int(at[3]) < row.size:
+        got, want = row[int(at[3])], exact[int(at[3])]
+        if got == 0 and 0 < abs(want) < fmt.tiny:
+            return "subnormal output flushed to zero"
+    u = fmt.u
+    tol = max(float(allowed), 8 * u * float(np.max(np.abs(row), initial=0.0)))
+    d_exact = float(np.max(np.abs(row - exact), initial=0.0))
+    for name, alt in alts.items():
+        d = float(np.max(np.abs(row - alt), initial=0.0))
+        if d <= tol and d <= d_exact / 16:
+            return f"output row equals {name}"
+    return None
+
+
+def _finite(arr: np.ndarray) -> np.ndarray:
+    x = to_float64(arr)
+    return np.where(np.isfinite(x), x, 0.0).astype(arr.dtype)
