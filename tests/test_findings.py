@@ -311,3 +311,12 @@ def test_a_device_fault_stays_with_the_case_that_caused_it(tmp_path):
     (finding,) = result.findings
     assert finding.signature.startswith("flashcheck.verify.planted:poisons_device | fault | misaligned address")
     assert finding.minimized["reproduced"] and finding.minimized["D"] % 16
+
+
+def test_needs_pass_builds_on_each_accepted_removal():
+    """Two removals that each keep the failure: the final case has neither,
+    and what it still needs (the layout) is the only need."""
+    case = _case(H=4, Hkv=2, is_causal=True, layout="strided")
+    small = minimize(case, lambda c: c.layout == "strided", budget_s=30)
+    assert small.case.layout == "strided" and small.needs == ["non-contiguous layout"]
+    assert small.case.q.shape[1] == small.case.k.shape[1] and not small.case.is_causal

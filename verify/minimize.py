@@ -209,7 +209,14 @@ def minimize(case: Case, reproduces: Callable[[Case], object], *, at=None, budge
                 progress = True
                 break  # restart from the biggest reductions on the smaller case
     # What the final case still needs: each structural removal fails on it.
-    for feature, _, without in structural_removals(best.case, at):
+    # Removals are re-derived from the current case after each accepted one.
+    checked: set = set()
+    while True:
+        pending = [(f, w) for f, _, w in structural_removals(best.case, at) if f not in checked]
+        if not pending:
+            break
+        feature, without = pending[0]
+        checked.add(feature)
         if without.case_id in seen:  # tried on this very case already and it did not reproduce
             best.needs.append(feature)
             continue
@@ -219,6 +226,7 @@ def minimize(case: Case, reproduces: Callable[[Case], object], *, at=None, budge
         if got:
             best.case, best.result = without, got
             best.steps.append(f"without {feature}")
+            at = locate(got) if locate is not None else at
         else:
             best.needs.append(feature)
     best.seconds = time.monotonic() - start

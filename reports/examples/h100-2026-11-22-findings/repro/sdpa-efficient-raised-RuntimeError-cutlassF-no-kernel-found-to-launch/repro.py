@@ -10,12 +10,8 @@ Case: bf16, B=1 H=1 Hkv=1 Nq=1 Nk=1 D=8, not causal, no attn_mask, default
 What is special: non-contiguous layout; strided layout; head dim not a
     multiple of 16; Nq not a multiple of 64; Nk not a multiple of 64;
     single query; magnitude near-max-input
-Found on: device cuda, targets ['sdpa-math', 'sdpa-flash',
-    'sdpa-efficient', 'sdpa-cudnn'], dtypes ['fp16', 'bf16', 'fp32'], seed
-    0, device cuda, model None, max_examples 100, budget 200.0, known None,
-    minimize 20.0, max_seq None, shard [0, 1], exploit 0.2, narrowed to
-    nothing, python 3.12.3, numpy 2.5.2, torch 2.11.0+cu130, triton 3.6.0,
-    date 2026-11-22 19:05:40, gpu NVIDIA H100 80GB HBM3
+Found on: device cuda, python 3.12.3, torch 2.11.0+cu130, date 2026-11-22
+    19:20:42, gpu NVIDIA H100 80GB HBM3
 
 Needs torch. Usage: python repro.py [--device DEV] [--dump PATH]
 (--dump saves the inputs' bit patterns and strides to PATH and stops).

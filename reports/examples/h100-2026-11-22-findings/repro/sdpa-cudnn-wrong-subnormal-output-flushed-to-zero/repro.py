@@ -3,20 +3,17 @@
 The bug: the error at the failing element exceeds the certified bound.
 What went wrong: error 8.91e-39 exceeds bound 1.16e-40 at (0, 0, 0, 8)
     (ratio 77, model fa2+gpu); row (0, 0, 0): row in last partial query
-    tile, row sees the last partial key tile
-Signature: sdpa-cudnn | wrong | error beyond the bound
+    tile, row sees the last partial key tile; subnormal output flushed to
+    zero
+Signature: sdpa-cudnn | wrong | subnormal output flushed to zero
 Case: bf16, B=1 H=1 Hkv=1 Nq=1 Nk=2 D=8 Dv=24, not causal, no attn_mask,
     scale=1.0, contiguous layout, subnormal magnitudes
 What is special: row in last partial query tile; row sees the last partial
     key tile; Dv != D; head dim not a multiple of 16; Nq not a multiple of
     64; Nk not a multiple of 64; single query; explicit scale; magnitude
     subnormal
-Found on: device cuda, targets ['sdpa-math', 'sdpa-flash',
-    'sdpa-efficient', 'sdpa-cudnn'], dtypes ['fp16', 'bf16', 'fp32'], seed
-    0, device cuda, model None, max_examples 100, budget 200.0, known None,
-    minimize 20.0, max_seq None, shard [0, 1], exploit 0.2, narrowed to
-    nothing, python 3.12.3, numpy 2.5.2, torch 2.11.0+cu130, triton 3.6.0,
-    date 2026-11-22 19:05:40, gpu NVIDIA H100 80GB HBM3
+Found on: device cuda, python 3.12.3, torch 2.11.0+cu130, date 2026-11-22
+    19:20:42, gpu NVIDIA H100 80GB HBM3
 
 Needs torch. Usage: python repro.py [--device DEV] [--dump PATH]
 (--dump saves the inputs' bit patterns and strides to PATH and stops).
