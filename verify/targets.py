@@ -8,6 +8,8 @@ log-sum-exp) as torch tensors. Built-in names:
 ``sdpa-math``, ``sdpa-flash``, ``sdpa-efficient``, ``sdpa-cudnn``
                     torch's ``scaled_dot_product_attention`` with that backend forced
 ``flash-attn``      the flash-attn package, when it is importable
+``flex``            ``torch.compile(flex_attention)`` (torch.nn.attention.flex_attention)
+``compiled-math``   ``torch.compile`` of plain attention in torch ops, fp32 inside
 ``MODULE:FUNCTION`` any callable with SDPA's signature
 
 A target raises `NotImplementedError` for a feature combination it does not
@@ -28,7 +30,8 @@ from flashcheck.properties.case import Case
 
 __all__ = ["BUILTIN_TARGETS", "SDPA_BACKENDS", "Target", "TargetError", "TargetOutput", "resolve_target"]
 
-BUILTIN_TARGETS = ("triton", "numpy-tiled", "sdpa-math", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "flash-attn")
+BUILTIN_TARGETS = ("triton", "numpy-tiled", "sdpa-math", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "flash-attn",
+                   "flex", "compiled-math")
 
 
 class TargetError(ValueError):
@@ -161,6 +164,175 @@ def _flash_attn(case: Case, device: str) -> TargetOutput:
     return TargetOutput(out.transpose(1, 2), lse)
 
 
+# -- compiled targets (torch.compile) --------------------------------------------
+#: name -> the torch.compile'd function, built once per process (a campaign's
+#: worker keeps it, so each new shape costs one compile, not a fresh start).
+_COMPILED: dict = {}
+
+
+def _compiled(name: str):
+    fn = _COMPILED.get(name)
+    if fn is None:
+        import torch
+
+        if name == "flex":
+            from torch.nn.attention.flex_attention import flex_attention as eager
+        else:
+            eager = _math_attention
+        # dynamic=False: on the CPU, dynamic shapes saved no compiles over a
+        # campaign's varied shapes (head counts, head dims, dtypes, scales and
+        # mask kinds recompile anyway) and made each compile slower; with flex
+        # they also hit an inductor C++ codegen error for bool masks (torch 2.13).
+        fn = _COMPILED[name] = torch.compile(eager, dynamic=False)
+    return fn
+
+
+def _recompile_settings():
+    """Dynamo config for a call of a compiled target: each new shape is a
+    recompile of the same function, and past ``recompile_limit`` (8) dynamo
+    would silently run it uncompiled (flex then takes its unfused path).
+    Lift the limit, and fail loudly rather than fall back should it be hit."""
+    import torch._dynamo.config as config
+
+    wanted = (
+        (("recompile_limit", "cache_size_limit"), 1 << 20),
+        (("accumulated_recompile_limit", "accumulated_cache_size_limit"), 1 << 20),
+        (("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"), True),
+    )
+    changes = {}
+    for names, value in wanted:
+        name = next((n for n in names if hasattr(config, n)), None)
+        if name is not None:
+            changes[name] = value
+    return config.patch(**changes)
+
+
+def _compile_decline(exc: BaseException) -> str | None:
+    """The reason when a compile failed because the backend does not support
+    the input (a NotImplementedError inside inductor, or no C++ compiler);
+    None for any other failure, which must stay a failure."""
+    try:
+        from torch._dynamo.exc import BackendCompilerFailed
+        from torch._inductor.exc import InvalidCxxCompiler, LoweringException
+    except ImportError:  # a torch whose internals moved: keep the failure as it is
+        return None
+
+    seen = 0
+    while exc is not None and seen < 8:
+        seen += 1
+        if isinstance(exc, NotImplementedError):
+            return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if isinstance(exc, InvalidCxxCompiler):
+            return (f"{exc} (inductor compiles C++ for the CPU: install g++ or clang, "
+                    "or point torch._inductor.config.cpp.cxx at one)")
+        if isinstance(exc, BackendCompilerFailed):
+            exc = exc.inner_exception
+        elif isinstance(exc, LoweringException):
+            exc = exc.__context__  # the lowering's own exception (raised "from None")
+        else:
+            return None
+    return None
+
+
+def _call_compiled(name: str, q, *args, **kwargs):
+    import torch
+
+    fn = _compiled(name)
+    try:
+        with torch.no_grad(), _recompile_settings():
+            return fn(q, *args, **kwargs)
+    except Exception as exc:
+        reason = _compile_decline(exc)
+        if reason is None:
+            raise
+        raise NotImplementedError(f"target {name!r}: torch.compile refused q of shape {tuple(q.shape)}, {q.dtype}, "
+                                  f"on {q.device.type}: {reason}") from exc
+
+
+def _as_4d(mask):
+    return mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+
+
+def _causal_mod(b, h, q_idx, kv_idx):
+    return kv_idx <= q_idx  # top-left aligned, as SDPA's is_causal
+
+
+def _bool_mod(full):
+    def mask_mod(b, h, q_idx, kv_idx):
+        return full[b, h, q_idx, kv_idx]
+
+    return mask_mod
+
+
+def _bias_mod(full):
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + full[b, h, q_idx, kv_idx]
+
+    return score_mod
+
+
+def _run_flex(case: Case, device: str) -> TargetOutput:
+    import torch
+    from torch.nn.attention import flex_attention as fa
+
+    q, k, v, mask = case.to_torch(device)
+    B, H, Nq, _ = q.shape
+    Nk = k.shape[2]
+    score_mod = block_mask = None
+    if case.is_causal:
+        block_mask = fa.create_block_mask(_causal_mod, None, None, Nq, Nk, device=device)
+    elif mask is not None:
+        m = _as_4d(mask)
+        full = m.expand(B, H, Nq, Nk)  # a view: size-1 dims broadcast with stride 0
+        if mask.dtype == torch.bool:
+            mb = B if m.shape[0] > 1 else None
+            mh = H if m.shape[1] > 1 else None
+            block_mask = fa.create_block_mask(_bool_mod(full), mb, mh, Nq, Nk, device=device)
+        else:
+            score_mod = _bias_mod(full)
+    kwargs = dict(score_mod=score_mod, block_mask=block_mask, scale=case.scale, enable_gqa=case.enable_gqa)
+    # The CPU lowering of torch 2.13 rejects an LSE request ("return_lse is not
+    # supported yet"), so the LSE is asked for on GPUs only.
+    want_lse = device != "cpu"
+    if want_lse and hasattr(fa, "AuxRequest"):
+        out, aux = _call_compiled("flex", q, k, v, return_aux=fa.AuxRequest(lse=True), **kwargs)
+        return TargetOutput(out, aux.lse)
+    if want_lse:
+        out, lse = _call_compiled("flex", q, k, v, return_lse=True, **kwargs)
+        return TargetOutput(out, lse)
+    return TargetOutput(_call_compiled("flex", q, k, v, **kwargs))
+
+
+def _math_attention(q, k, v, mask, is_causal: bool, scale: float, groups: int):
+    """Attention as a user writes it in torch ops; fp16/bf16 inputs are
+    computed in fp32 (as SDPA's math backend does), the output cast back.
+    A row with no visible key is softmax over all -inf: NaN, left as is."""
+    import torch
+
+    dtype = q.dtype
+    work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    q, k, v = q.to(work), k.to(work), v.to(work)
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    s = (q @ k.transpose(-2, -1)) * scale
+    if is_causal:
+        visible = torch.ones(s.shape[-2], s.shape[-1], dtype=torch.bool, device=s.device).tril()
+        s = s.masked_fill(~visible, float("-inf"))
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(work)
+    return (torch.softmax(s, dim=-1) @ v).to(dtype)
+
+
+def _run_compiled_math(case: Case, device: str) -> TargetOutput:
+    import math
+
+    q, k, v, mask = case.to_torch(device)
+    scale = case.scale if case.scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    groups = q.shape[1] // k.shape[1]
+    return TargetOutput(_call_compiled("compiled-math", q, k, v, mask, case.is_causal, scale, groups))
+
+
 def _callable_target(spec: str) -> Callable:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
@@ -208,6 +380,15 @@ def resolve_target(spec: str, model_name: str | None = None) -> Target:
         except ImportError as exc:
             raise TargetError("target 'flash-attn': the flash_attn package is not importable") from exc
         return Target(spec, _flash_attn, _sdpa_model, model_name)
+    if spec == "flex":
+        try:
+            importlib.import_module("torch.nn.attention.flex_attention")
+        except ImportError as exc:
+            raise TargetError(f"target 'flex': this torch has no torch.nn.attention.flex_attention ({exc}); "
+                              "it needs torch >= 2.5") from exc
+        return Target(spec, _run_flex, _sdpa_model, model_name)
+    if spec == "compiled-math":
+        return Target(spec, _run_compiled_math, _sdpa_model, model_name)
     if ":" in spec:
         return Target(spec, _callable_target(spec), None, model_name)
     raise TargetError(f"unknown target {spec!r}; expected one of {BUILTIN_TARGETS} or MODULE:FUNCTION")
