@@ -333,6 +333,8 @@ def run_case(case: Case, target, *, device: str = "cpu", ref=None, baseline: boo
             diagnosis = diagnose(case, out, at, allowed=j.allowed or 0.0)
         _describe_failure(result, j.kind or "wrong", at=at, allowed=j.allowed if j.kind == "wrong" else None,
                           diagnosis=diagnosis)
+        if j.kind == "wrong" and j.bound is not None and ref is not None:
+            result.failure["allowed_max"] = float(np.max(j.bound.out + ref.err_bound, initial=0.0))
     if warm_fault is not None:
         if j.verdict == "fail":
             result.reason = f"{result.reason} (from a fresh process, after: {warm_fault})"

@@ -128,8 +128,8 @@ def _head_dims(text):
 
 def setup_fuzz(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", action="append", required=True, metavar="T",
-                        help="triton, numpy-tiled, sdpa-math, sdpa-flash, sdpa-efficient, sdpa-cudnn, flash-attn "
-                             "or MODULE:FUNCTION; repeat to compare targets on identical cases")
+                        help="triton, numpy-tiled, sdpa-math, sdpa-flash, sdpa-efficient, sdpa-cudnn, flash-attn, "
+                             "flex, compiled-math or MODULE:FUNCTION; repeat to compare targets on identical cases")
     parser.add_argument("--dtype", default="fp16,bf16,fp32", help="comma-separated dtypes (default: all three)")
     parser.add_argument("--budget", type=float, default=None, metavar="SECONDS", help="stop after this much time")
     parser.add_argument("--max-examples", type=int, default=100, metavar="N", help="number of cases (default 100)")

@@ -202,7 +202,7 @@ def _to_numpy(t):
 
 def _worker(conn, spec: str, model_name):
     target = resolve_target(spec, model_name)
-    if spec == "triton" or spec.startswith("sdpa"):
+    if spec in ("triton", "flex", "compiled-math") or spec.startswith("sdpa"):
         import torch  # noqa: F401 - pay for the import before the first timed case
     conn.send(("ready", None, None))
     while True:
