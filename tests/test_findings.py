@@ -320,3 +320,19 @@ def test_needs_pass_builds_on_each_accepted_removal():
     small = minimize(case, lambda c: c.layout == "strided", budget_s=30)
     assert small.case.layout == "strided" and small.needs == ["non-contiguous layout"]
     assert small.case.q.shape[1] == small.case.k.shape[1] and not small.case.is_causal
+
+
+def test_flushed_subnormal_rows_are_one_symptom():
+    """cuDNN on the H100 returned zeros for rows whose exact values are bf16
+    subnormals: a whole zero row and a single zero element are one symptom."""
+    case = _case(Nq=2, Nk=8, D=8, dtype=np.float32)
+    tiny = np.float32(2.0 ** -130)
+    case = case.replace(v=(case.v * tiny).astype(np.float32), magnitude="subnormal")
+    out = np.zeros(case.q.shape[:3] + (case.v.shape[3],), np.float32)
+    assert diagnose(case, out, (0, 0, 1, 2)) == "subnormal output flushed to zero"
+    from flashcheck.verify.oracle import attention_case
+
+    partial = attention_case(case).out.astype(np.float32)
+    partial[0, 0, 1, 2] = 0.0
+    assert diagnose(case, partial, (0, 0, 1, 2)) == "subnormal output flushed to zero"
+    assert diagnose(_case(Nq=2, Nk=8, D=8), np.zeros((1, 2, 2, 8)), (0, 0, 1, 2)) == "output row is all zero"

@@ -233,9 +233,13 @@ def diagnose(case: Case, out, at, *, allowed: float = 0.0) -> str | None:
     scale = case.scale if case.scale is not None else 1.0 / math.sqrt(case.q.shape[3])
     exact = _row_attention(to_float64(exact_case.q[b, h, i]), to_float64(exact_case.k[b, hk]),
                            to_float64(exact_case.v[b, hk]), seen, scale)
-    if not row.any():
-        return "output row is all zero" if exact.any() else None
     fmt = format_of(case.q.dtype)
+    if not row.any():
+        if not exact.any():
+            return None
+        # Every nonzero exact value below the smallest normal: a flush to zero, not a lost row.
+        return ("subnormal output flushed to zero" if np.all(np.abs(exact[exact != 0]) < fmt.tiny)
+                else "output row is all zero")
     if len(at) == 4 and int(at[3]) < row.size:
         got, want = row[int(at[3])], exact[int(at[3])]
         if got == 0 and 0 < abs(want) < fmt.tiny:

@@ -13,7 +13,7 @@ What is special: row in last partial query tile; row sees the last partial
     64; Nk not a multiple of 64; single query; explicit scale; magnitude
     subnormal
 Found on: device cuda, python 3.12.3, torch 2.11.0+cu130, date 2026-11-22
-    19:20:42, gpu NVIDIA H100 80GB HBM3
+    19:33:49, gpu NVIDIA H100 80GB HBM3
 
 Needs torch. Usage: python repro.py [--device DEV] [--dump PATH]
 (--dump saves the inputs' bit patterns and strides to PATH and stops).
@@ -36,6 +36,7 @@ CASE = (
 )
 AT = (0, 0, 0, 8)  # failing output element (b, h, i, d)
 ALLOWED = 1.1566659495844747e-40  # |observed - expected| allowed at AT
+ALLOWED_MAX = 3.004468531085179e-40  # the largest error allowed anywhere
 MODEL = 'fa2+gpu'  # the precision model the bound is for
 
 
@@ -170,7 +171,13 @@ def check(q, k, v, attn_mask):
     print(f"at {AT}: |observed - expected| = {error!r}, allowed {ALLOWED!r}")
     print("(allowed: flashcheck's certified error bound at this element for "
           f"the precision model {MODEL!r})")
-    bug = not error <= ALLOWED  # a NaN error counts as the bug
+    worst = float((observed - expected).abs().nan_to_num(nan=math.inf).max())
+    print(f"largest error anywhere {worst!r}; the largest bound anywhere "
+          f"is {ALLOWED_MAX!r}")
+    # A NaN error counts as the bug. Some kernels go wrong at different
+    # elements from run to run, so an error above every element's bound
+    # counts too.
+    bug = not error <= ALLOWED or worst > ALLOWED_MAX
     print("bug reproduced" if bug else "not reproduced")
     return 1 if bug else 0
 

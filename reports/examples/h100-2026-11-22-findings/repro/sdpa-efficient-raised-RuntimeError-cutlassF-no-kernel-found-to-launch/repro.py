@@ -11,7 +11,7 @@ What is special: non-contiguous layout; strided layout; head dim not a
     multiple of 16; Nq not a multiple of 64; Nk not a multiple of 64;
     single query; magnitude near-max-input
 Found on: device cuda, python 3.12.3, torch 2.11.0+cu130, date 2026-11-22
-    19:20:42, gpu NVIDIA H100 80GB HBM3
+    19:33:49, gpu NVIDIA H100 80GB HBM3
 
 Needs torch. Usage: python repro.py [--device DEV] [--dump PATH]
 (--dump saves the inputs' bit patterns and strides to PATH and stops).
