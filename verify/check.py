@@ -25,7 +25,7 @@ from flashcheck.properties.case import Case
 from flashcheck.verify import metrics as _metrics
 from flashcheck.verify import oracle as _oracle
 from flashcheck.verify.bounds import Bound, attention_bound
-from flashcheck.verify.explain import case_features, diagnose, row_features, trigger, visibility
+from flashcheck.verify.explain import case_features, diagnose, row_features, trigger, visibility, zero_nonfinite
 from flashcheck.verify.grad_bounds import GradBound, gradient_bound
 from flashcheck.verify.isolation import classify_exception, fault_kind
 from flashcheck.verify.signatures import normalize_message, signature_key, symptom_for
@@ -258,7 +258,7 @@ def _judge_nonfinite(case: Case, out, model: PrecisionModel) -> Judgement:
                          None, idx, kind="nan-leak")
     if not may_be_clean.any():
         return Judgement("pass", None, 0.0, None, None, None)
-    zeroed = case.replace(**{name: _zero_nonfinite(getattr(case, name)) for name in ("q", "k", "v")})
+    zeroed = zero_nonfinite(case)
     ref = _oracle.attention_case(zeroed, keep=True, with_grad=False)
     bound = attention_bound(ref, model, attn_mask=case.attn_mask, block_n=case.block_n)
     clean = np.broadcast_to(may_be_clean[..., None], o.shape)
@@ -270,11 +270,6 @@ def _judge_nonfinite(case: Case, out, model: PrecisionModel) -> Judgement:
                          f"finite inputs (ratio {ratio:.3g})", ratio, None, None, bound, at, kind="wrong",
                          allowed=allowed)
     return Judgement("pass", None, ratio, None, None, bound, at, allowed=allowed)
-
-
-def _zero_nonfinite(arr: np.ndarray) -> np.ndarray:
-    x = to_float64(arr)
-    return np.where(np.isfinite(x), x, 0.0).astype(arr.dtype)
 
 
 def run_case(case: Case, target, *, device: str = "cpu", ref=None, baseline: bool = True,

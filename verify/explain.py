@@ -42,6 +42,7 @@ __all__ = [
     "row_features",
     "trigger",
     "visibility",
+    "zero_nonfinite",
 ]
 
 #: Tile edge used for "ragged" features: most fused kernels tile by 64 or 128,
@@ -226,7 +227,7 @@ def diagnose(case: Case, out, at, *, allowed: float = 0.0) -> str | None:
         return "output row is all NaN"
     if not np.isfinite(row).all():
         return "output row has NaN or Inf"
-    exact_case = case.replace(**{n: _finite(getattr(case, n)) for n in ("q", "k", "v")})
+    exact_case = zero_nonfinite(case)
     alts = _alternatives(exact_case, b, h, i)
     seen = visibility(case)[b, h, i]
     hk = h // (case.q.shape[1] // case.k.shape[1])
@@ -254,6 +255,10 @@ def diagnose(case: Case, out, at, *, allowed: float = 0.0) -> str | None:
     return None
 
 
-def _finite(arr: np.ndarray) -> np.ndarray:
-    x = to_float64(arr)
-    return np.where(np.isfinite(x), x, 0.0).astype(arr.dtype)
+def zero_nonfinite(case: Case) -> Case:
+    """``case`` with every NaN and Inf of q, k and v replaced by 0 (same dtype)."""
+    def zeroed(arr):
+        x = to_float64(arr)
+        return np.where(np.isfinite(x), x, 0.0).astype(arr.dtype)
+
+    return case.replace(q=zeroed(case.q), k=zeroed(case.k), v=zeroed(case.v))

@@ -190,6 +190,18 @@ def minimize(case: Case, reproduces: Callable[[Case], object], *, at=None, budge
     def out_of_budget() -> bool:
         return time.monotonic() - start > 0.75 * budget_s or best.attempts >= max(1, (3 * max_attempts) // 4)
 
+    def tried(candidate: Case, description: str) -> bool:
+        """Run ``candidate``; keep it as the best case when it reproduces."""
+        nonlocal at
+        seen.add(candidate.case_id)
+        best.attempts += 1
+        got = reproduces(candidate)
+        if got:
+            best.case, best.result = candidate, got
+            best.steps.append(description)
+            at = locate(got) if locate is not None else None
+        return bool(got)
+
     progress = True
     while progress and not out_of_budget():
         progress = False
@@ -199,13 +211,7 @@ def minimize(case: Case, reproduces: Callable[[Case], object], *, at=None, budge
                 break
             if size_of(smaller) > size_of(best.case) or smaller.case_id in seen:
                 continue
-            seen.add(smaller.case_id)
-            best.attempts += 1
-            got = reproduces(smaller)
-            if got:
-                best.case, best.result = smaller, got
-                best.steps.append(description)
-                at = locate(got) if locate is not None else None
+            if tried(smaller, description):
                 progress = True
                 break  # restart from the biggest reductions on the smaller case
     # What the final case still needs: each structural removal fails on it.
@@ -217,17 +223,8 @@ def minimize(case: Case, reproduces: Callable[[Case], object], *, at=None, budge
             break
         feature, without = pending[0]
         checked.add(feature)
-        if without.case_id in seen:  # tried on this very case already and it did not reproduce
-            best.needs.append(feature)
-            continue
-        seen.add(without.case_id)
-        best.attempts += 1
-        got = reproduces(without)
-        if got:
-            best.case, best.result = without, got
-            best.steps.append(f"without {feature}")
-            at = locate(got) if locate is not None else at
-        else:
+        # A removal seen before was tried on this very case and did not reproduce.
+        if without.case_id in seen or not tried(without, f"without {feature}"):
             best.needs.append(feature)
     best.seconds = time.monotonic() - start
     return best
