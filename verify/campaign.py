@@ -394,7 +394,7 @@ def run_campaign(cfg: CampaignConfig) -> CampaignResult:
     meta = _meta(cfg) | {"seconds": round(result.seconds, 1),
                          "declined": {n: c.summary() for n, c in caps.items()},
                          "inconclusive": result.inconclusive,
-                         "findings": [f.as_dict(result.rows) for f in result.findings]}
+                         "findings": [f.as_dict() for f in result.findings]}
     write_reports(result.rows, cfg.out, meta)
     return result
 

@@ -28,7 +28,7 @@ from flashcheck.verify.bounds import Bound, attention_bound
 from flashcheck.verify.explain import case_features, diagnose, row_features, trigger, visibility, zero_nonfinite
 from flashcheck.verify.grad_bounds import GradBound, gradient_bound
 from flashcheck.verify.isolation import classify_exception, fault_kind
-from flashcheck.verify.signatures import normalize_message, signature_key, symptom_for
+from flashcheck.verify.signatures import signature_key, symptom_for
 
 __all__ = ["CaseResult", "GradJudgement", "Judgement", "baseline_error", "error_ratio", "judge", "judge_gradients",
            "run_case"]
@@ -335,7 +335,7 @@ def run_case(case: Case, target, *, device: str = "cpu", ref=None, baseline: boo
             result.reason = f"{result.reason} (from a fresh process, after: {warm_fault})"
         else:
             result.verdict, result.reason = "fail", f"{warm_fault}; the fresh output passes (ratio {j.ratio:.3g})"
-            name = fault_kind(str(warm_fault)) or normalize_message(str(warm_fault))
+            name = _exception_symptom(warm_fault.kind, warm_fault.what)
             _describe_failure(result, warm_fault.kind, symptom=f"{name}, not reproduced in a fresh process")
     if baseline and ref is not None and j.metrics is not None and np.isfinite(j.metrics.max_abs_err):
         base_err = baseline_error(case, ref) if baseline_err is None else baseline_err
@@ -351,13 +351,17 @@ def _describe_exception(result: CaseResult, exc: Exception, device: str) -> None
         kind, message = classify_exception(exc, device), f"{type(exc).__name__}: {exc}"
         result.reason = f"raised {message}"
     else:
-        message = result.reason = str(exc)
-        message = message.removeprefix("target raised ")
+        result.reason, message = str(exc), exc.what
     result.metrics = {"traceback": traceback.format_exc(limit=3)[-800:]}
-    symptom = fault_kind(message) if kind == "fault" else None
-    if kind == "crash":  # "target process killed by signal SIGSEGV, in a fresh process ..." -> the first part
-        symptom = message.split(",")[0]
-    _describe_failure(result, kind, symptom=symptom or symptom_for(kind, message=message))
+    _describe_failure(result, kind, symptom=_exception_symptom(kind, message))
+
+
+def _exception_symptom(kind: str, message: str) -> str:
+    """The symptom of a target that raised, faulted, crashed or hung: a fault's
+    canonical name, else the message (less the isolated worker's prefix)."""
+    if kind == "fault" and (name := fault_kind(message)):
+        return name
+    return symptom_for(kind, message=message.removeprefix("target raised "))
 
 
 def _describe_failure(result: CaseResult, kind: str, *, at=(), allowed=None, diagnosis=None, symptom=None) -> None:

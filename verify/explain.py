@@ -83,6 +83,24 @@ def visibility(case: Case) -> np.ndarray:
     return vis
 
 
+def _row_masks(case: Case, b: int, h: int, i: int) -> tuple[np.ndarray, np.ndarray]:
+    """(Nk,) bools for query row (b, h, i): the keys the attn_mask leaves
+    visible, and the keys causality leaves visible (top-left); the row
+    sees their conjunction when the case is causal (`visibility`'s row)."""
+    B, H, Nq, _ = case.q.shape
+    Nk = case.k.shape[2]
+    explicit = np.ones(Nk, dtype=bool)
+    if case.attn_mask is not None:
+        m = np.broadcast_to(np.asarray(case.attn_mask), (B, H, Nq, Nk))[b, h, i]
+        explicit = m if m.dtype == bool else ~np.isneginf(to_float64(m))
+    return explicit, np.arange(Nk) <= i
+
+
+def _row_visible(case: Case, b: int, h: int, i: int) -> np.ndarray:
+    explicit, causal = _row_masks(case, b, h, i)
+    return explicit & causal if case.is_causal else explicit
+
+
 def case_features(case: Case) -> list[str]:
     """The `CASE_FEATURES` that hold for ``case``, in that order."""
     B, H, Nq, D = case.q.shape
@@ -131,7 +149,7 @@ def row_features(case: Case, at) -> list[str]:
         return []
     Nk = case.k.shape[2]
     hk = h // (H // case.k.shape[1])
-    seen = visibility(case)[b, h, i]
+    seen = _row_visible(case, b, h, i)
     q = to_float64(case.q[b, h, i])
     k, v = to_float64(case.k[b, hk]), to_float64(case.v[b, hk])
     kv_nan = np.isnan(k).any(-1) | np.isnan(v).any(-1)
@@ -169,22 +187,18 @@ def _row_attention(q, k, v, visible, scale) -> np.ndarray:
     return (p / p.sum()) @ v
 
 
-def _alternatives(case: Case, b: int, h: int, i: int) -> dict:
-    """Row (b, h, i) under plausible wrong semantics, in float64."""
+def _row_semantics(case: Case, b: int, h: int, i: int) -> tuple[np.ndarray, dict]:
+    """Row (b, h, i) of a finite ``case`` in float64: the exact row, and the
+    row under each plausible wrong semantics."""
     B, H, Nq, D = case.q.shape
     Hkv, Nk = case.k.shape[1], case.k.shape[2]
     group = H // Hkv
-    q = np.nan_to_num(to_float64(case.q[b, h, i]), nan=0.0, posinf=0.0, neginf=0.0)
-    k = np.nan_to_num(to_float64(case.k[b]), nan=0.0, posinf=0.0, neginf=0.0)
-    v = np.nan_to_num(to_float64(case.v[b]), nan=0.0, posinf=0.0, neginf=0.0)
+    q, k, v = to_float64(case.q[b, h, i]), to_float64(case.k[b]), to_float64(case.v[b])
     scale = case.scale if case.scale is not None else 1.0 / math.sqrt(D)
-    causal = np.arange(Nk) <= i
-    explicit = np.ones(Nk, dtype=bool)
-    if case.attn_mask is not None:
-        m = np.broadcast_to(np.asarray(case.attn_mask), (B, H, Nq, Nk))[b, h, i]
-        explicit = m if m.dtype == bool else ~np.isneginf(to_float64(m))
-    seen = explicit & (causal if case.is_causal else True)
+    explicit, causal = _row_masks(case, b, h, i)
+    seen = _row_visible(case, b, h, i)
     hk = h // group
+    exact = _row_attention(q, k[hk], v[hk], seen, scale)
     alts = {}
     if case.attn_mask is not None:
         unmasked = causal if case.is_causal else np.ones(Nk, dtype=bool)
@@ -204,14 +218,14 @@ def _alternatives(case: Case, b: int, h: int, i: int) -> dict:
         alts["the default scale 1/sqrt(D)"] = _row_attention(q, k[hk], v[hk], seen, 1.0 / math.sqrt(D))
     if seen.any():
         alts["the mean of the visible values (uniform weights)"] = v[hk][seen].mean(axis=0)
-    return alts
+    return exact, alts
 
 
 def diagnose(case: Case, out, at, *, allowed: float = 0.0) -> str | None:
     """What the observed row ``out[at[:3]]`` looks like, when it is plainly
     one thing: "all NaN", "all zero", a subnormal element ``out[at]`` flushed
     to zero, or "equals <alternative>" for the first
-    wrong semantics it matches (`_alternatives`). A row matches an
+    wrong semantics it matches (`_row_semantics`). A row matches an
     alternative when its distance to it is at most ``tol`` and at most 1/16
     of its distance to the exact row, where ``tol`` is ``allowed`` (the
     bound at the failing element) or 8 units in the last place of the
@@ -227,13 +241,7 @@ def diagnose(case: Case, out, at, *, allowed: float = 0.0) -> str | None:
         return "output row is all NaN"
     if not np.isfinite(row).all():
         return "output row has NaN or Inf"
-    exact_case = zero_nonfinite(case)
-    alts = _alternatives(exact_case, b, h, i)
-    seen = visibility(case)[b, h, i]
-    hk = h // (case.q.shape[1] // case.k.shape[1])
-    scale = case.scale if case.scale is not None else 1.0 / math.sqrt(case.q.shape[3])
-    exact = _row_attention(to_float64(exact_case.q[b, h, i]), to_float64(exact_case.k[b, hk]),
-                           to_float64(exact_case.v[b, hk]), seen, scale)
+    exact, alts = _row_semantics(zero_nonfinite(case), b, h, i)
     fmt = format_of(case.q.dtype)
     if not row.any():
         if not exact.any():

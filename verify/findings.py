@@ -45,16 +45,11 @@ class Finding:
     minimized: dict | None = None  # case_id, shape, steps, attempts, seconds, reason, reproduced
     repro: str | None = None  # the repro directory, relative to the campaign's output
 
-    def as_dict(self, rows: list) -> dict:
-        members = [rows[i] for i in self.rows]
-        smallest = min(members, key=row_size)
-        return {
-            "signature": self.signature, "target": self.target, "class": self.failure_class,
-            "symptom": self.symptom, "trigger": self.trigger, "needs": self.needs, "count": len(members),
-            "known": self.known, "first_case": members[0].get("case_id"),
-            "smallest_case": smallest.get("case_id"), "smallest_reason": smallest.get("reason"),
-            "minimized": self.minimized, "repro": self.repro,
-        }
+    def as_dict(self) -> dict:
+        """What the campaign learnt of the finding beyond its rows (the counts,
+        first and smallest case come from the rows:
+        `flashcheck.reports.summary.failure_groups`)."""
+        return {"signature": self.signature, "minimized": self.minimized, "repro": self.repro}
 
 
 class FindingTracker:
@@ -76,7 +71,7 @@ class FindingTracker:
         if saved is not None:
             self.npz[index] = Path(saved)
 
-    def finish(self, rows: list, runners: dict, *, progress=None) -> list[Finding]:
+    def finish(self, rows: list, runners: dict) -> list[Finding]:
         """Minimize each group and write its repro; update the rows'
         ``signature`` and ``needs``; return the findings, new ones first.
         ``runners``: target name -> the runner the campaign used."""
@@ -97,8 +92,6 @@ class FindingTracker:
             smallest = min(members, key=lambda i: (i not in self.npz, row_size(rows[i])))
             if smallest not in self.npz:
                 continue
-            if progress is not None:
-                progress(f"minimizing {base}")
             self._minimize(finding, Case.load(self.npz[smallest]), rows[smallest], runner)
             if finding.needs:
                 keep = [i for i in members if set(finding.needs) <= set(rows[i].get("features") or ())]

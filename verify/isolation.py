@@ -171,10 +171,13 @@ class TargetCrash(RuntimeError):
     was its process's first, or a hang or ordinary exception), "reproduced"
     or "not reproduced" (the case, replayed in a fresh process, did not fail
     that way; ``fresh_output`` is then the fresh process's `TargetOutput`,
-    when it returned one, for the caller to judge).
+    when it returned one, for the caller to judge). ``what``: what happened,
+    without where it was replayed (the message by default), so that one bug
+    reads the same whether it struck a fresh or a warm process.
     """
 
-    def __init__(self, message: str, *, kind: str = "crash", replay: str | None = None, fresh_output=None):
+    def __init__(self, message: str, *, kind: str = "crash", replay: str | None = None, fresh_output=None,
+                 what: str | None = None):
         if kind not in CRASH_KINDS:
             raise ValueError(f"TargetCrash kind {kind!r}; expected one of {CRASH_KINDS}")
         if replay not in (None, "reproduced", "not reproduced"):
@@ -183,6 +186,7 @@ class TargetCrash(RuntimeError):
         self.kind = kind
         self.replay = replay
         self.fresh_output = fresh_output
+        self.what = message if what is None else what
 
 
 def _to_numpy(t):
@@ -392,7 +396,8 @@ class IsolatedTarget:
         if status not in ("fault", "crash"):
             return self._result(status, payload)
         if earlier == 0:
-            raise TargetCrash(f"{payload}, in a fresh process (its first case, so this case caused it)", kind=status)
+            raise TargetCrash(f"{payload}, in a fresh process (its first case, so this case caused it)", kind=status,
+                              what=payload)
         return self._replay(case, device, status, payload, earlier)
 
     def _replay(self, case, device: str, kind: str, reason: str, earlier: int):
@@ -401,18 +406,22 @@ class IsolatedTarget:
         try:
             self._worker = self._new_worker()
         except TargetCrash as exc:
-            raise TargetCrash(f"{first}; replaying it in a fresh process failed: {exc}", kind=kind) from None
+            raise TargetCrash(f"{first}; replaying it in a fresh process failed: {exc}", kind=kind,
+                              what=reason) from None
         status, payload = self._ask(self._worker, case, device)
         if status in ("fault", "crash"):
             again = "" if payload == reason else f": {payload}"
-            raise TargetCrash(f"{first} (reproduced in a fresh process{again})", kind=kind, replay="reproduced")
+            raise TargetCrash(f"{first} (reproduced in a fresh process{again})", kind=kind, replay="reproduced",
+                              what=reason)
         if status == "ok":
             raise TargetCrash(
                 f"{first}; not reproduced: a fresh process returned an output for this case, so an earlier case "
                 f"in the warm process may have caused it (device errors can surface a case late); judge the "
-                f"fresh output (TargetCrash.fresh_output)", kind=kind, replay="not reproduced", fresh_output=payload)
+                f"fresh output (TargetCrash.fresh_output)", kind=kind, replay="not reproduced", fresh_output=payload,
+                what=reason)
         fresh = f"the target declined it ({payload})" if status == "unsupported" else payload
-        raise TargetCrash(f"{first}; not reproduced: in a fresh process, {fresh}", kind=kind, replay="not reproduced")
+        raise TargetCrash(f"{first}; not reproduced: in a fresh process, {fresh}", kind=kind, replay="not reproduced",
+                          what=reason)
 
     def run_fresh(self, case, device: str) -> TargetOutput:
         """Run ``case`` in a brand-new worker that is closed afterwards (the
@@ -423,7 +432,8 @@ class IsolatedTarget:
         finally:
             worker.close()
         if status in ("fault", "crash"):
-            raise TargetCrash(f"{payload}, in a fresh process (its first case, so this case caused it)", kind=status)
+            raise TargetCrash(f"{payload}, in a fresh process (its first case, so this case caused it)", kind=status,
+                              what=payload)
         return self._result(status, payload)
 
     def __enter__(self):

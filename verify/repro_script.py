@@ -35,6 +35,7 @@ from string import Template
 import numpy as np
 
 from flashcheck.properties.case import Case
+from flashcheck.verify.targets import SDPA_BACKENDS as _SDPA
 
 __all__ = ["FAILURE_CLASSES", "INLINE_LIMIT", "TARGET_KINDS", "describe_case", "int_list_literal", "script_text",
            "write_repro"]
@@ -54,12 +55,6 @@ _VALUE_CLASSES = ("wrong", "non-finite", "nan-dropped", "nan-leak")
 _ROW_CLASSES = ("nan-dropped", "nan-leak")  # `at` may name a row (b, h, i)
 
 #: Targets the generator knows (besides ``MODULE:FUNCTION``).
-_SDPA = {
-    "sdpa-math": "MATH",
-    "sdpa-flash": "FLASH_ATTENTION",
-    "sdpa-efficient": "EFFICIENT_ATTENTION",
-    "sdpa-cudnn": "CUDNN_ATTENTION",
-}
 TARGET_KINDS = (*_SDPA, "flex", "compiled-math", "triton", "flash-attn", "MODULE:FUNCTION")
 
 #: Inputs with at most this many elements in all (q, k, v, mask) are written
