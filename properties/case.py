@@ -61,6 +61,12 @@ class Case:
         if not (self.q.dtype == self.k.dtype == self.v.dtype):
             raise TypeError(f"q, k, v dtypes differ: {self.q.dtype}, {self.k.dtype}, {self.v.dtype}")
         format_of(self.q.dtype)
+        if self.do is not None:
+            want = self.q.shape[:3] + self.v.shape[-1:]
+            if not isinstance(self.do, np.ndarray) or self.do.shape != want or self.do.dtype != self.q.dtype:
+                raise ValueError(f"Case.do must be a NumPy array of the output's shape {want} and dtype "
+                                 f"{self.q.dtype}, got {getattr(self.do, 'shape', type(self.do).__name__)} "
+                                 f"{getattr(self.do, 'dtype', '')}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"unknown layout {self.layout!r}; expected one of {LAYOUTS}")
 
@@ -122,6 +128,13 @@ class Case:
         if self.attn_mask is not None:
             mask = _numpy_to_torch(self.attn_mask).to(device)
         return q, k, v, mask
+
+    def do_torch(self, device="cpu"):
+        """The output gradient ``do`` as a torch tensor on ``device`` with the
+        same bits, in ``self.layout`` (None when the case has none)."""
+        if self.do is None:
+            return None
+        return _apply_layout(_numpy_to_torch(self.do).to(device), self.layout)
 
     def replace(self, **changes) -> Case:
         return dataclasses.replace(self, **changes)

@@ -16,7 +16,9 @@ The new run regresses when any of these holds:
    `MEDIAN_FACTOR` (2x), medians below `MEDIAN_FLOOR` counting as the
    floor, so noise far below the bound does not flag;
 4. the max error/bound ratio of a (target, dtype) crossed 1 (was <= 1,
-   is > 1).
+   is > 1);
+5. in runs with gradients (``--grad``) on both sides: 3 and 4 for the
+   error/bound ratio of each gradient (dq, dk, dv) of a (target, dtype).
 
 Cases that pass now and failed before, and groups that disappeared, are
 reported but are no regression.
@@ -36,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flashcheck.reports.records import CASES_FILE, SUMMARY_FILE, read_cases
-from flashcheck.reports.summary import read_summary, summarize, validate_rows
+from flashcheck.reports.summary import GRADS, read_summary, summarize, validate_rows
 
 __all__ = ["MEDIAN_FACTOR", "MEDIAN_FLOOR", "DiffResult", "GroupShift", "diff_runs", "load_run", "main_diff"]
 
@@ -61,6 +63,8 @@ class GroupShift:
     old_max: float | None
     new_max: float | None
     flags: list[str] = field(default_factory=list)
+    old_grad: dict | None = None  # the summary's gradient statistics (`summary._grad_summary`)
+    new_grad: dict | None = None
 
 
 @dataclass
@@ -94,6 +98,11 @@ class DiffResult:
                 f"{g.target:<18} {g.dtype:<6} {_pair(g.old_cases, g.new_cases):>11} "
                 f"{_pair(g.old_failures, g.new_failures):>11} {_pair(g.old_median, g.new_median):>21} "
                 f"{_pair(g.old_max, g.new_max):>21}  {'; '.join(g.flags)}".rstrip())
+            if g.new_grad:
+                og = g.old_grad or {}
+                lines.append(f"{'':<18} {'':<6} gradients " + "; ".join(
+                    f"{n} median {_pair(og.get(f'{n}_ratio_median'), g.new_grad.get(f'{n}_ratio_median'))} "
+                    f"max {_pair(og.get(f'{n}_ratio_max'), g.new_grad.get(f'{n}_ratio_max'))}" for n in GRADS))
         if self.new_failures:
             lines.append("")
             lines.append(f"new failures ({len(self.new_failures)}):")
@@ -166,14 +175,22 @@ def _effective(x) -> float | None:
     return math.inf if x is not None and math.isnan(x) else x
 
 
-def _compare_group(g: GroupShift, factor: float, floor: float, per_case: bool) -> None:
-    old_med, new_med = _effective(g.old_median), _effective(g.new_median)
-    old_max, new_max = _effective(g.old_max), _effective(g.new_max)
+def _compare_ratios(g: GroupShift, label: str, old_med, new_med, old_max, new_max, factor, floor) -> None:
+    old_med, new_med, old_max, new_max = (_effective(x) for x in (old_med, new_med, old_max, new_max))
     if old_med is not None and new_med is not None:
         if max(new_med, floor) > factor * max(old_med, floor):
-            g.flags.append(f"median ratio grew {_fmt(old_med)} -> {_fmt(new_med)} (> {factor:g}x)")
+            g.flags.append(f"{label}median ratio grew {_fmt(old_med)} -> {_fmt(new_med)} (> {factor:g}x)")
     if old_max is not None and new_max is not None and old_max <= 1 < new_max:
-        g.flags.append(f"max ratio crossed 1: {_fmt(old_max)} -> {_fmt(new_max)}")
+        g.flags.append(f"{label}max ratio crossed 1: {_fmt(old_max)} -> {_fmt(new_max)}")
+
+
+def _compare_group(g: GroupShift, factor: float, floor: float, per_case: bool) -> None:
+    _compare_ratios(g, "", g.old_median, g.new_median, g.old_max, g.new_max, factor, floor)
+    if g.old_grad and g.new_grad:
+        for name in GRADS:
+            _compare_ratios(g, f"{name} ", g.old_grad.get(f"{name}_ratio_median"),
+                            g.new_grad.get(f"{name}_ratio_median"), g.old_grad.get(f"{name}_ratio_max"),
+                            g.new_grad.get(f"{name}_ratio_max"), factor, floor)
     if not per_case and (g.new_failures or 0) > (g.old_failures or 0):
         g.flags.append(f"failures rose {g.old_failures or 0} -> {g.new_failures}")
 
@@ -228,6 +245,7 @@ def diff_runs(old, new, *, median_factor: float = MEDIAN_FACTOR, median_floor: f
             target, dtype,
             o and o["cases"], n and n["cases"], o and o["failures"], n and n["failures"],
             o and o["ratio_median"], n and n["ratio_median"], o and o["ratio_max"], n and n["ratio_max"],
+            old_grad=o and o.get("grad"), new_grad=n and n.get("grad"),
         )
         _compare_group(g, float(median_factor), float(median_floor), per_case)
         if o is None:

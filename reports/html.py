@@ -26,6 +26,7 @@ from pathlib import Path
 from flashcheck.reports.records import HTML_FILE, REPRO_DIR
 from flashcheck.reports.summary import (
     COVERAGE_KEYS,
+    GRADS,
     attach_findings,
     case_classes,
     case_shape,
@@ -156,6 +157,58 @@ def _ratio_vs_nk(rows, targets, dtypes) -> str:
         ax.set_ylim(lo / 1.5, hi * 1.5)
         _label(ax, dtype, "Nk (keys per query)", "error / bound")
     return _png(fig)
+
+
+def _grad_ratio(row: dict, name: str) -> float | None:
+    """A row's error/bound of gradient ``name``, ranked as `effective_ratio`."""
+    if row.get("grad_verdict") not in ("pass", "fail") or row.get(f"{name}_ratio") is None:
+        return None
+    return effective_ratio({"ratio": row.get(f"{name}_ratio"), "verdict": row["grad_verdict"]})
+
+
+def _grad_ratio_vs_nk(rows, targets) -> str:
+    """One panel per gradient (dQ, dK, dV): error/bound against Nk."""
+    pts_all = [(r, g, x) for r in rows for g in GRADS if (x := _grad_ratio(r, g)) is not None and r.get("Nk")]
+    if not pts_all:
+        return '<p class="note">No gradient was judged.</p>'
+    lo, hi = _plot_range([x for _, _, x in pts_all])
+    fig, axes = _figure(len(GRADS))
+    for ax, name in zip(axes, GRADS):
+        for i, target in enumerate(targets):
+            pts = [(r["Nk"], x) for r, g, x in pts_all if g == name and r["target"] == target]
+            if not pts:
+                continue
+            shift = 2 ** (0.06 * (i - (len(targets) - 1) / 2))
+            ax.scatter([n * shift for n, _ in pts], [_clip(x, lo, hi) for _, x in pts],
+                       marker=_MARKERS[i % len(_MARKERS)], color=_COLORS[i % len(_COLORS)],
+                       alpha=0.6, s=22, label=target)
+        ax.axhline(1.0, color="k", lw=1, ls="--")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_ylim(lo / 1.5, hi * 1.5)
+        _label(ax, name, "Nk (keys per query)", "error / bound")
+    return _png(fig)
+
+
+def _grad_table(summary) -> str:
+    body = []
+    for target, per_dtype in summary["groups"].items():
+        for dtype, g in per_dtype.items():
+            gr = g.get("grad")
+            if not gr:
+                continue
+            body.append([
+                _td(target), _td(dtype), _tdn(gr["pass"]),
+                f'<td class="num{" bad" if gr["fail"] else ""}">{gr["fail"]}</td>', _tdn(gr["unsupported"]),
+                _tdn(gr["not_judged"]),
+                *(_ratio_cell(gr[f"{n}_ratio_{s}"]) for n in GRADS for s in ("median", "max")),
+                _tdn(gr["judged_share_min"]),
+            ])
+    if not body:
+        return '<p class="note">Gradients were not checked in this run (no --grad).</p>'
+    return _table(["target", "dtype", "passed", "failed", "unsupported", "not judged",
+                   *(f"{n} {s} error/bound" for n in GRADS for s in ("median", "max")),
+                   "least share with a finite bound"], body)
 
 
 def _label(ax, title, xlabel, ylabel) -> None:
@@ -364,6 +417,11 @@ def _banner(summary, inconclusive=None) -> str:
         text = (f"INCONCLUSIVE: no new failure in {ran} runs{known}, but too few cases ran on some target "
                 f"({why})")
         return f'<div class="banner empty">{_esc(text)}</div>'
+    if t.get("grad"):
+        g = t["grad"]
+        extra += (f"; gradients judged in {g['pass'] + g['fail']} runs" +
+                  (f", unsupported in {g['unsupported']}" if g["unsupported"] else "") +
+                  (f", not judged (NaN/Inf inputs) in {g['not_judged']}" if g["not_judged"] else ""))
     if t["verdict"] == "pass":
         text = f"PASS: all {ran} runs within their error bounds ({t['cases']} cases{extra})"
     elif t["verdict"] == "known-only":
@@ -384,15 +442,18 @@ def _coverage_table(summary) -> str:
     if not cov:
         return '<p class="note">No run was judged.</p>'
     body = []
+    grad = "grad" in summary["totals"]
     for target, entry in cov.items():
         n = max(entry["runs"], 1)
         cells = [_td(target), _tdn(entry["runs"]),
                  _td(f"{entry['nk_over_128']} ({100 * entry['nk_over_128'] / n:.0f}%)"),
                  _td(f"{entry['nq_over_64']} ({100 * entry['nq_over_64'] / n:.0f}%)")]
-        for key in COVERAGE_KEYS:
-            cells.append(_td(", ".join(f"{v} {c}" for v, c in entry[key].items()) or "–"))
+        keys = COVERAGE_KEYS + (("do",) if grad else ())
+        for key in keys:
+            cells.append(_td(", ".join(f"{v} {c}" for v, c in entry.get(key, {}).items()) or "–"))
         body.append(cells)
-    return _table(["target", "runs", "Nk > 128", "Nq > 64", *COVERAGE_KEYS], body)
+    return _table(["target", "runs", "Nk > 128", "Nq > 64", *COVERAGE_KEYS,
+                   *(("gradients judged, by dO class",) if grad else ())], body)
 
 
 def _declined_table(declined) -> str:
@@ -455,6 +516,13 @@ def render_html(rows, *, title: str = "Attention numerics report", meta: dict | 
             "bottom edge, inf (and failures without a ratio) at the top edge.</p>",
             _ratio_vs_nk(rows, targets, dtypes),
             "<h2>Distribution of error / bound</h2>", _ratio_histogram(rows, targets, dtypes),
+            "<h2>Gradients</h2>",
+            '<p class="note">With --grad: each run also drew an output gradient dO (its class is the row\'s '
+            "<code>do</code>) and judged dQ, dK and dV against the oracle's certified gradients under the "
+            "backward bound of the target's model. A run fails when its forward or any gradient fails. "
+            "Elements whose bound is infinite (the model does not apply: overflow) are not judged; the last "
+            "column is the smallest share of judged elements in any run.</p>",
+            _grad_table(summary), _grad_ratio_vs_nk(rows, targets),
             "<h2>Targets on identical cases</h2>", _target_comparison(rows, targets),
             "<h2>Where failures cluster</h2>",
             '<p class="note">Failures / runs per class (unsupported runs left out).</p>',

@@ -35,6 +35,7 @@ from flashcheck.reports.records import SUMMARY_FILE, dumps, loads
 __all__ = [
     "CLASS_KEYS",
     "COVERAGE_KEYS",
+    "GRADS",
     "VERDICTS",
     "WORST_PER_GROUP",
     "case_classes",
@@ -156,7 +157,8 @@ def coverage(rows) -> dict:
     """What the runs covered, per target: for each feature of
     `COVERAGE_KEYS`, how many runs (pass or fail; unsupported runs left
     out) had each value, plus how many had more than 128 keys (three key
-    tiles of 64) and more than 64 queries (two query tiles).
+    tiles of 64) and more than 64 queries (two query tiles); in a --grad
+    run, ``do`` counts the runs whose gradients were judged, by dO class.
 
     >>> c = coverage([{"target": "t", "dtype": "fp16", "verdict": "pass", "Nq": 70, "Nk": 300, "D": 64}])
     >>> c["t"]["runs"], c["t"]["size"], c["t"]["nk_over_128"]
@@ -174,8 +176,11 @@ def coverage(rows) -> dict:
         for key, value in _features(row).items():
             if value is not None:
                 entry[key][str(value)] = entry[key].get(str(value), 0) + 1
+        if row.get("grad_verdict") in ("pass", "fail"):  # gradients judged: by output-gradient class
+            do = entry.setdefault("do", {})
+            do[str(row.get("do"))] = do.get(str(row.get("do")), 0) + 1
     for entry in out.values():
-        for key in COVERAGE_KEYS:
+        for key in COVERAGE_KEYS + (("do",) if "do" in entry else ()):
             entry[key] = dict(sorted(entry[key].items()))
     return out
 
@@ -218,6 +223,27 @@ def worst_rows(rows, n: int) -> list[dict]:
     return [t[3] for t in ranked[:n]]
 
 
+#: The gradients a --grad run judges; each row has ``<name>_ratio``.
+GRADS = ("dq", "dk", "dv")
+GRAD_VERDICTS = ("pass", "fail", "unsupported", "not judged")
+
+
+def _grad_summary(rows: list[dict]) -> dict | None:
+    """Gradient verdict counts and per-gradient ratio statistics of rows
+    from a --grad run (None when no row has a gradient verdict)."""
+    graded = [r for r in rows if r.get("grad_verdict")]
+    if not graded:
+        return None
+    out = {v.replace(" ", "_"): sum(r["grad_verdict"] == v for r in graded) for v in GRAD_VERDICTS}
+    for name in GRADS:
+        vals = [effective_ratio({"ratio": r.get(f"{name}_ratio"), "verdict": r["grad_verdict"]}) for r in graded
+                if r.get(f"{name}_ratio") is not None]
+        out[f"{name}_ratio_max"], out[f"{name}_ratio_median"] = _stats(vals)
+    judged = [r["grad_judged"] for r in graded if r.get("grad_judged") is not None]
+    out["judged_share_min"] = min(judged) if judged else None
+    return out
+
+
 def _group_summary(rows: list[dict]) -> dict:
     ran = [r for r in rows if r["verdict"] != "unsupported"]
     ratios = [effective_ratio(r) for r in ran if r.get("ratio") is not None]
@@ -235,6 +261,7 @@ def _group_summary(rows: list[dict]) -> dict:
         "max_bits": max(bits) if bits else None,
         "rmse_median": float(np.median(rmse)) if rmse else None,
         "worst": [_worst_entry(r) for r in worst_rows(ran, WORST_PER_GROUP)],
+        **({"grad": g} if (g := _grad_summary(ran)) else {}),
     }
 
 
@@ -282,6 +309,9 @@ def summarize(rows) -> dict:
         "dtypes": dtypes,
         "verdict": "empty" if not rows else ("fail" if failures else "known-only" if known else "pass"),
     }
+    grad = _grad_summary([r for r in rows if r["verdict"] != "unsupported"])
+    if grad is not None:
+        totals["grad"] = {k: grad[k] for k in ("pass", "fail", "unsupported", "not_judged")}
     return {"totals": totals, "groups": groups, "failures_by_class": by_class, "coverage": coverage(rows),
             "findings": failure_groups(rows)}
 

@@ -42,6 +42,7 @@ from hypothesis import strategies as st
 from hypothesis import target as hypothesis_target
 from hypothesis.errors import Flaky
 
+from flashcheck.properties.grads import DO_KINDS, DoDealer, with_output_gradient
 from flashcheck.properties.plans import DEFAULT_MAX_SCORES, PlanDealer, case_from_plan, feature_values
 from flashcheck.properties.strategies import plan_choices
 from flashcheck.verify import oracle as _oracle
@@ -91,6 +92,8 @@ class CampaignConfig:
     known: Path | None = None  # known-issues file (flashcheck.verify.known)
     minimize: float = 60.0  # seconds to shrink each finding's smallest case (0: no minimization)
     max_findings: int = 20  # findings minimized at most (new ones first)
+    grad: bool = False  # also judge dQ, dK, dV for a drawn output gradient
+    do_kinds: tuple | None = None  # output-gradient classes (None: all of DO_KINDS)
 
     def __post_init__(self):
         if not self.targets:
@@ -119,6 +122,12 @@ class CampaignConfig:
                 self.known_issues = load_known(self.known)
             except KnownIssueError as exc:
                 raise ConfigError(str(exc)) from None
+        if self.do_kinds is not None and not self.grad:
+            raise ConfigError("--do-kinds needs --grad")
+        try:
+            self.do_dealer = DoDealer(self.do_kinds or DO_KINDS, seed=self.seed) if self.grad else None
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if self.max_scores is None:
             self.max_scores = DEFAULT_MAX_SCORES[self.device]
         try:
@@ -198,6 +207,7 @@ def _meta(cfg: CampaignConfig) -> dict:
         "targets": cfg.targets, "dtypes": list(cfg.dtypes), "seed": cfg.seed, "device": cfg.device,
         "model": cfg.model, "max_examples": cfg.max_examples, "budget": cfg.budget,
         "known": None if cfg.known is None else str(cfg.known), "minimize": cfg.minimize,
+        "grad": cfg.grad, "do_kinds": list(cfg.do_kinds or DO_KINDS) if cfg.grad else None,
         "max_seq": cfg.max_seq, "shard": list(cfg.shard), "exploit": cfg.exploit,
         "narrowed to": {f: list(v) for f, v in cfg.values.items() if len(v) < len(feature_values()[f])} or "nothing",
         "python": platform.python_version(), "numpy": numpy.__version__, "torch": torch.__version__,
@@ -327,10 +337,14 @@ def run_campaign(cfg: CampaignConfig) -> CampaignResult:
             return  # another shard's case, or every target declines everything we can build
         case = build(plan, raw)
         case.tags["drawn"] = how
+        finite = all(bool((abs(t.astype("float64")) < math.inf).all()) for t in (case.q, case.k, case.v))
+        if cfg.grad:
+            kind = cfg.do_dealer.deal()
+            case = with_output_gradient(case, kind if finite or kind != "delta-cancel" else "normal")
         ref = None
-        if all(bool((abs(t.astype("float64")) < math.inf).all()) for t in (case.q, case.k, case.v)):
+        if finite:
             # The oracle failing (or its cross-check) is a harness bug: let it surface.
-            ref = _oracle.attention_case(case, keep=True, with_grad=False, crosscheck_rows=cfg.crosscheck)
+            ref = _oracle.attention_case(case, keep=True, with_grad=cfg.grad, crosscheck_rows=cfg.crosscheck)
         base_err = baseline_error(case, ref) if ref is not None else None
         result.cases += 1
         worst, bounds = None, {}

@@ -25,13 +25,22 @@ from flashcheck.properties.case import Case
 from flashcheck.verify import metrics as _metrics
 from flashcheck.verify import oracle as _oracle
 from flashcheck.verify.bounds import Bound, attention_bound
-from flashcheck.verify.explain import case_features, diagnose, row_features, trigger, visibility, zero_nonfinite
+from flashcheck.verify.explain import (
+    case_features,
+    diagnose,
+    diagnose_gradient,
+    key_features,
+    row_features,
+    trigger,
+    visibility,
+    zero_nonfinite,
+)
 from flashcheck.verify.grad_bounds import GradBound, gradient_bound
 from flashcheck.verify.isolation import classify_exception, fault_kind
 from flashcheck.verify.signatures import signature_key, symptom_for
 
-__all__ = ["CaseResult", "GradJudgement", "Judgement", "baseline_error", "error_ratio", "judge", "judge_gradients",
-           "run_case"]
+__all__ = ["GRADS", "CaseResult", "GradJudgement", "Judgement", "baseline_error", "error_ratio", "judge",
+           "judge_gradients", "run_case"]
 
 
 @dataclass
@@ -64,6 +73,7 @@ class CaseResult:
     oracle_mp_rows: int | None = None
     seconds: float = 0.0
     failure: dict = field(default_factory=dict)  # class, symptom, trigger, features, signature, at, allowed
+    grad: dict = field(default_factory=dict)  # --grad: verdict, reason, per-gradient ratios and errors
 
     def row(self) -> dict:
         failure = {f"failure_{k}" if k in ("class", "at") else k: v for k, v in self.failure.items()}
@@ -80,6 +90,7 @@ class CaseResult:
             "oracle_mp_rows": self.oracle_mp_rows,
             "seconds": round(self.seconds, 4),
             **failure,
+            **{f"grad_{k}" if k in ("verdict", "reason", "ratio", "judged") else k: v for k, v in self.grad.items()},
             **{f"m_{k}": v for k, v in self.metrics.items()},
         }
 
@@ -114,21 +125,33 @@ class GradJudgement:
     reason: str | None
     ratios: dict  # "dq", "dk", "dv" -> max |err| / (bound + oracle error) where the bound is finite
     max_errs: dict  # "dq", "dk", "dv" -> max |err| where the bound is finite
-    bound: GradBound
+    bound: GradBound | None
+    kind: str | None = None  # grad-wrong, grad-non-finite, grad-shape of a failure
+    grad: str | None = None  # which gradient failed first
+    worst_at: tuple = ()  # index of the failing element in that gradient
+    allowed: float | None = None  # bound + oracle error there
+    judged: dict = field(default_factory=dict)  # "dq", ... -> share of elements with a finite bound
 
 
-def judge_gradients(case: Case, dq, dk, dv, *, model: PrecisionModel, out, lse, ref=None) -> GradJudgement:
+GRADS = ("dq", "dk", "dv")
+
+
+def judge_gradients(case: Case, dq, dk, dv, *, model: PrecisionModel, out, lse=None, ref=None) -> GradJudgement:
     """Verdict on a target's gradients for ``case`` under ``model``.
 
-    ``case.do`` is the output gradient the target was given; ``out`` and
-    ``lse`` are what the target's forward saved (its backward reads them,
-    so the bound is taken around them). The pass rule, per gradient: every
-    element where the bound is finite is finite and within
-    `flashcheck.verify.grad_bounds.gradient_bound` plus the oracle's
-    certified error. Where the bound is infinite the model does not apply
-    (overflow): nothing is asserted there. ``ref``: the oracle's result with
-    gradients and intermediates (``keep=True``), to save recomputing it.
-    Finite inputs only (the gradient semantics of NaN/Inf are not judged).
+    ``case.do`` is the output gradient the target was given; ``out`` (and
+    ``lse``, natural log, when the target returns it) are what the target's
+    forward saved (its backward reads them, so the bound is taken around
+    them; without ``lse`` the forward bound stands for its error). The pass
+    rule, per gradient: every element where the bound is finite is finite
+    and within `flashcheck.verify.grad_bounds.gradient_bound` plus the
+    oracle's certified error. Rows with no visible key have exact gradient 0
+    and a bound of a few subnormal spacings: they must come out zero. Where
+    the bound is infinite the model does not apply (overflow): nothing is
+    asserted there, and ``judged`` says how much was. ``ref``: the oracle's
+    result with gradients and intermediates (``keep=True``), to save
+    recomputing it. Finite inputs only (the gradient semantics of NaN/Inf
+    are not judged).
     """
     if not isinstance(case, Case):
         raise TypeError(f"judge_gradients needs a flashcheck.properties.case.Case, got {type(case).__name__}")
@@ -140,24 +163,47 @@ def judge_gradients(case: Case, dq, dk, dv, *, model: PrecisionModel, out, lse, 
         raise ValueError("judge_gradients is defined for finite inputs only")
     if ref is None or ref.s is None or getattr(ref, "dq", None) is None:
         ref = _oracle.attention_case(case, keep=True, with_grad=True)
-    bound = gradient_bound(ref, model, dout=case.do, out_target=to_float64(out), lse_target=to_float64(lse),
-                           attn_mask=case.attn_mask)
-    ratios, max_errs, reason = {}, {}, None
-    for name, got in (("dq", dq), ("dk", dk), ("dv", dv)):
+    o = to_float64(out)
+    if o.shape != ref.out.shape or not np.isfinite(o).all():
+        # The backward's inputs are already wrong: the forward's verdict says so; bound around the oracle's.
+        o = None
+    lt = None if lse is None or o is None else to_float64(lse)
+    if lt is not None and (lt.shape != ref.lse.shape or np.isnan(lt).any()):
+        lt = None
+    bound = gradient_bound(ref, model, dout=case.do, out_target=o, lse_target=lt, attn_mask=case.attn_mask)
+    j = GradJudgement("pass", None, {}, {}, bound)
+    for name, got in zip(GRADS, (dq, dk, dv)):
         g, exact = to_float64(got), getattr(ref, name)
         b, e = getattr(bound, name), getattr(ref, name + "_err_bound")
         if g.shape != exact.shape:
-            ratios[name], max_errs[name] = np.inf, np.inf
-            reason = reason or f"{name} shape {g.shape}, expected {exact.shape}"
+            j.ratios[name], j.max_errs[name] = np.inf, np.inf
+            _grad_failure(j, "grad-shape", name, f"{name} shape {g.shape}, expected {exact.shape}")
             continue
         fin = np.isfinite(b)
-        ratios[name] = error_ratio(g[fin], exact[fin], b[fin] + e[fin])
-        max_errs[name] = float(np.max(np.abs(g[fin] - exact[fin]), initial=0.0))
-        if not np.isfinite(g[fin]).all():
-            reason = reason or f"{name}: non-finite gradient where the model has no overflow"
-        elif not ratios[name] <= 1:
-            reason = reason or f"{name}: error/bound {ratios[name]:.3g} under model {model.name}"
-    return GradJudgement("fail" if reason else "pass", reason, ratios, max_errs, bound)
+        j.judged[name] = float(fin.mean()) if fin.size else 1.0
+        allowed = np.where(fin, b + e, np.inf)
+        with np.errstate(invalid="ignore"):
+            err = np.where(fin, np.abs(g - exact), 0.0)
+        bad = fin & ~np.isfinite(g)
+        j.max_errs[name] = float(np.max(np.where(bad, 0.0, err), initial=0.0))
+        if bad.any():
+            at = tuple(int(i) for i in np.argwhere(bad)[0])
+            j.ratios[name] = np.inf
+            _grad_failure(j, "grad-non-finite", name,
+                          f"{name}: non-finite gradient {g[at]} at {at} where the model has no overflow", at)
+            continue
+        ratio, at = _ratio(err, allowed)
+        j.ratios[name] = ratio
+        if ratio > 1:
+            _grad_failure(j, "grad-wrong", name, f"{name} error {err[at]:.3g} exceeds bound {b[at]:.3g} at {at} "
+                          f"(ratio {ratio:.3g}, model {model.name})", at, float(allowed[at]))
+    return j
+
+
+def _grad_failure(j: GradJudgement, kind, name, reason, at=(), allowed=None) -> None:
+    if j.verdict == "fail":
+        return  # the first failing gradient names the failure
+    j.verdict, j.reason, j.kind, j.grad, j.worst_at, j.allowed = "fail", reason, kind, name, at, allowed
 
 
 def _nonfinite_inputs(case: Case) -> bool:
@@ -337,11 +383,72 @@ def run_case(case: Case, target, *, device: str = "cpu", ref=None, baseline: boo
             result.verdict, result.reason = "fail", f"{warm_fault}; the fresh output passes (ratio {j.ratio:.3g})"
             name = _exception_symptom(warm_fault.kind, warm_fault.what)
             _describe_failure(result, warm_fault.kind, symptom=f"{name}, not reproduced in a fresh process")
+    if case.do is not None:
+        _judge_backward(result, case, produced, model, ref, forward_failed=j.verdict == "fail")
     if baseline and ref is not None and j.metrics is not None and np.isfinite(j.metrics.max_abs_err):
         base_err = baseline_error(case, ref) if baseline_err is None else baseline_err
         if np.isfinite(base_err):  # the naive baseline itself may overflow or give NaN
             result.baseline_ratio = _metrics.baseline_ratio(j.metrics.max_abs_err, base_err)
     return result
+
+
+def _judge_backward(result: CaseResult, case: Case, produced, model: PrecisionModel, ref,
+                    forward_failed: bool) -> None:
+    """Judge the gradients a target returned (``result.grad``); a gradient
+    failure fails the row when its forward passed (a failing forward names
+    the row's failure; its gradients are still judged and recorded)."""
+    grad = result.grad
+    if produced.grad_error is not None:
+        status, message = produced.grad_error
+        if status == "unsupported":
+            grad.update(verdict="unsupported", reason=message)
+            return
+        grad.update(verdict="fail", reason=message)
+        if not forward_failed:
+            result.verdict, result.reason = "fail", f"gradient: {message}"
+            symptom = symptom_for("grad-raised", message=message.removeprefix("backward raised "))
+            _describe_failure(result, "grad-raised", symptom=symptom)
+        return
+    if produced.grads is None:
+        grad.update(verdict="unsupported", reason="the target returned no gradients")
+        return
+    if ref is None:
+        grad.update(verdict="not judged", reason="NaN/Inf inputs: gradient semantics are not judged")
+        return
+    expected = format_of(case.q.dtype)
+    for name, g in zip(GRADS, produced.grads):
+        try:
+            got = format_of(g)
+        except (TypeError, ValueError):
+            got = None
+        if got is not expected:
+            reason = f"{name} dtype {getattr(g, 'dtype', type(g))}, expected {expected.name}"
+            grad.update(verdict="fail", reason=reason)
+            if not forward_failed:
+                result.verdict, result.reason = "fail", f"gradient: {reason}"
+                _describe_failure(result, "grad-dtype")
+            return
+    if ref.dq is None:
+        ref = _oracle.attention_case(case, keep=True, with_grad=True)
+    j = judge_gradients(case, *produced.grads, model=model, out=produced.out, lse=produced.lse, ref=ref)
+    grad.update(verdict=j.verdict, reason=j.reason,
+                ratio=max((r for r in j.ratios.values()), default=None),
+                judged=round(min(j.judged.values(), default=1.0), 4))
+    for name in GRADS:
+        grad[f"{name}_ratio"] = j.ratios.get(name)
+        grad[f"{name}_max_err"] = j.max_errs.get(name)
+        b = getattr(j.bound, name, None)
+        grad[f"{name}_bound_max"] = float(np.max(b[np.isfinite(b)], initial=0.0)) if b is not None else None
+    if j.verdict == "pass" or forward_failed:
+        return
+    result.verdict, result.reason = "fail", f"gradient: {j.reason}"
+    g = dict(zip(GRADS, produced.grads))[j.grad]
+    diagnosis = diagnose_gradient(j.grad, g, getattr(ref, j.grad), j.worst_at) if j.worst_at else None
+    symptom = diagnosis or f"{j.grad} {symptom_for(j.kind)}"
+    # dq's index names a query row; dk's and dv's a key row.
+    _describe_failure(result, j.kind, at=j.worst_at, allowed=j.allowed, diagnosis=diagnosis, symptom=symptom,
+                      keys=j.grad != "dq")
+    result.failure["gradient"] = j.grad
 
 
 def _describe_exception(result: CaseResult, exc: Exception, device: str) -> None:
@@ -364,11 +471,13 @@ def _exception_symptom(kind: str, message: str) -> str:
     return symptom_for(kind, message=message.removeprefix("target raised "))
 
 
-def _describe_failure(result: CaseResult, kind: str, *, at=(), allowed=None, diagnosis=None, symptom=None) -> None:
+def _describe_failure(result: CaseResult, kind: str, *, at=(), allowed=None, diagnosis=None, symptom=None,
+                      keys: bool = False) -> None:
     """Fill ``result.failure`` and append to the reason what is special about
-    the failing row and what the wrong value looks like."""
+    the failing row (a key row when ``keys``: dK, dV) and what the wrong
+    value looks like."""
     case = result.case
-    rows = row_features(case, at) if at else []
+    rows = (key_features(case, at) if keys else row_features(case, at)) if at else []
     features = rows + case_features(case)
     symptom = symptom or symptom_for(kind, diagnosis=diagnosis)
     why = trigger(rows)
@@ -379,7 +488,7 @@ def _describe_failure(result: CaseResult, kind: str, *, at=(), allowed=None, dia
     }
     notes = []
     if rows:
-        notes.append(f"row {tuple(int(i) for i in at[:3])}: {', '.join(rows)}")
+        notes.append(f"{'key' if keys else 'row'} {tuple(int(i) for i in at[:3])}: {', '.join(rows)}")
     if diagnosis:
         notes.append(diagnosis)
     if notes and result.reason:

@@ -170,11 +170,17 @@ def setup_fuzz(parser: argparse.ArgumentParser) -> None:
                              "0: none)")
     parser.add_argument("--max-findings", type=int, default=20, metavar="N",
                         help="findings minimized at most, new ones first (default 20)")
+    parser.add_argument("--grad", action="store_true",
+                        help="also run each target's backward for a drawn output gradient dO and judge dQ, dK, dV "
+                             "against the oracle's certified gradients")
+    parser.add_argument("--do-kinds", default=None, help="with --grad: comma-separated output-gradient classes "
+                        "(default: all): normal, tiny, huge, zero-rows, delta-cancel")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run_fuzz(args: argparse.Namespace) -> int:
     from flashcheck.properties.case import LAYOUTS
+    from flashcheck.properties.grads import DO_KINDS
     from flashcheck.properties.inputs import MAGNITUDES
     from flashcheck.properties.masks import MASK_KINDS
     from flashcheck.properties.plans import HEAD_KINDS, SIZE_STRATA
@@ -207,7 +213,8 @@ def run_fuzz(args: argparse.Namespace) -> int:
             layouts=_names(args.layouts, "layout", LAYOUTS), head_dims=_head_dims(args.head_dims),
             equal_lengths=args.equal_lengths, same_dv=args.same_dv, exploit=args.exploit,
             timeout=args.timeout, isolate=not args.no_isolate, progress=not args.no_progress, shard=(index, count),
-            known=args.known, minimize=args.minimize, max_findings=args.max_findings,
+            known=args.known, minimize=args.minimize, max_findings=args.max_findings, grad=args.grad,
+            do_kinds=_names(args.do_kinds, "output-gradient class", DO_KINDS),
         )
         result = run_campaign(cfg)
     except (ConfigError, TargetError) as exc:
@@ -215,6 +222,12 @@ def run_fuzz(args: argparse.Namespace) -> int:
     known = f" ({result.known_failures} more match known issues)" if result.known_failures else ""
     print(f"{result.cases} cases, {len(result.rows)} runs: {result.failures} failed{known}, "
           f"{result.unsupported} unsupported, in {result.seconds:.0f} s; report: {cfg.out / 'index.html'}")
+    if cfg.grad:
+        counts = {}
+        for row in result.rows:
+            counts[row.get("grad_verdict")] = counts.get(row.get("grad_verdict"), 0) + 1
+        print("gradients: " + ", ".join(f"{counts.get(v, 0)} {v}" for v in ("pass", "fail", "unsupported",
+                                                                           "not judged")))
     for finding in result.findings:
         mark = "known" if finding.known else "NEW"
         where = f"; repro: {cfg.out / finding.repro}" if finding.repro else ""
@@ -276,6 +289,12 @@ def run_replay(args: argparse.Namespace) -> int:
         print(f"reason: {res.reason}")
     if res.ratio is not None:
         print(f"error/bound: {res.ratio:.4g}" + (f", lse error/bound: {res.lse_ratio:.4g}" if res.lse_ratio else ""))
+    if res.grad:
+        ratios = ", ".join(f"{g} {res.grad[g + '_ratio']:.4g}" for g in ("dq", "dk", "dv")
+                           if res.grad.get(g + "_ratio") is not None)
+        print(f"gradients ({case.tags.get('do', 'given')} dO): {res.grad['verdict'].upper()}"
+              + (f"; error/bound {ratios}" if ratios else "") + (f"; {res.grad['reason']}" if res.grad.get("reason")
+                                                                  else ""))
     for key, value in res.metrics.items():
         if key not in ("traceback",):
             print(f"  {key}: {value}")

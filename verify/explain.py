@@ -34,11 +34,14 @@ from flashcheck.properties.case import Case
 
 __all__ = [
     "CASE_FEATURES",
+    "KEY_FEATURES",
     "ROW_FEATURES",
     "TILE",
     "TRIGGERS",
     "case_features",
     "diagnose",
+    "diagnose_gradient",
+    "key_features",
     "row_features",
     "trigger",
     "visibility",
@@ -63,9 +66,12 @@ ROW_FEATURES = (
     "NaN/Inf only in masked keys", "row sees one key", "row in last partial query tile",
     "row sees the last partial key tile",
 )
+#: Features of the failing key row of a dK or dV failure, in report order.
+KEY_FEATURES = ("key seen by no query", "key seen by one query", "key in last partial key tile",
+                "key seen by the last partial query tile")
 #: Row features strong enough to name a failure by (`trigger`), strongest first.
 TRIGGERS = ("fully masked row", "NaN in query row", "reads NaN key/value", "Inf in query row",
-            "reads Inf key/value", "NaN/Inf only in masked keys")
+            "reads Inf key/value", "NaN/Inf only in masked keys", "key seen by no query")
 
 
 def visibility(case: Case) -> np.ndarray:
@@ -135,7 +141,31 @@ def case_features(case: Case) -> list[str]:
     feats = [f for f in CASE_FEATURES if holds[f]]
     if case.magnitude not in ("normal", None):
         feats.append(f"magnitude {case.magnitude}")
+    if case.do is not None and case.tags.get("do") not in ("normal", None):
+        feats.append(f"dO {case.tags['do']}")
     return feats
+
+
+def key_features(case: Case, at) -> list[str]:
+    """The `KEY_FEATURES` of key row ``at[:3]`` = (b, kv head, j) of a dK or
+    dV failure, in that order; [] when ``at`` does not name a key."""
+    if at is None or len(at) < 3:
+        return []
+    b, hk, j = (int(x) for x in at[:3])
+    B, H, Nq, _ = case.q.shape
+    Hkv, Nk = case.k.shape[1], case.k.shape[2]
+    if not (0 <= b < B and 0 <= hk < Hkv and 0 <= j < Nk):
+        return []
+    group = H // Hkv
+    seen_by = visibility(case)[b, hk * group:(hk + 1) * group, :, j]  # (group, Nq)
+    rows = np.flatnonzero(seen_by.any(0))
+    holds = {
+        "key seen by no query": not seen_by.any(),
+        "key seen by one query": int(seen_by.sum()) == 1,
+        "key in last partial key tile": Nk % TILE != 0 and j >= Nk - Nk % TILE,
+        "key seen by the last partial query tile": Nq % TILE != 0 and bool((rows >= Nq - Nq % TILE).any()),
+    }
+    return [f for f in KEY_FEATURES if holds[f]]
 
 
 def row_features(case: Case, at) -> list[str]:
@@ -260,6 +290,28 @@ def diagnose(case: Case, out, at, *, allowed: float = 0.0) -> str | None:
         d = float(np.max(np.abs(row - alt), initial=0.0))
         if d <= tol and d <= d_exact / 16:
             return f"output row equals {name}"
+    return None
+
+
+def diagnose_gradient(name: str, got, exact, at) -> str | None:
+    """What the failing row of gradient ``name`` (dq, dk or dv) looks like,
+    when it is plainly one thing: all NaN, all zero, or nonzero where the
+    exact gradient row is zero (a row that must get no gradient)."""
+    if at is None or len(at) < 3:
+        return None
+    g, x = to_float64(got), to_float64(exact)
+    if g.ndim != 4 or g.shape != x.shape:
+        return None
+    b, h, i = (int(a) for a in at[:3])
+    row, want = g[b, h, i], x[b, h, i]
+    if np.isnan(row).all():
+        return f"{name} row is all NaN"
+    if not np.isfinite(row).all():
+        return f"{name} row has NaN or Inf"
+    if not row.any() and want.any():
+        return f"{name} row is all zero"
+    if row.any() and not want.any():
+        return f"{name} row is nonzero where the exact gradient is zero"
     return None
 
 

@@ -120,8 +120,7 @@ class FindingTracker:
             self._write(finding, case, row, None)
             return
         left = max(self.budget_s - (time.monotonic() - start), 1e-3)
-        small = minimize(case, reproduces, at=again.failure.get("at"), budget_s=left,
-                         locate=lambda r: r.failure.get("at"))
+        small = minimize(case, reproduces, at=_query_index(again), budget_s=left, locate=_query_index)
         result = small.result or again
         finding.needs = list(small.needs)
         shape, mask = small.case.shape, small.case.attn_mask
@@ -164,3 +163,11 @@ class FindingTracker:
         else:
             write_repro(directory, case, finding.target, failure, device=self.device, meta=self.meta)
         finding.repro = str(directory.relative_to(self.out))
+
+
+def _query_index(result):
+    """The failing (b, h, i, ...) index of a result, when it names a query
+    row (a dK or dV failure names a key row: minimization then goes by halves)."""
+    if result.failure.get("gradient") in ("dk", "dv"):
+        return None
+    return result.failure.get("at")

@@ -225,7 +225,8 @@ def _worker(conn, spec: str, model_name):
                 import torch
 
                 torch.cuda.synchronize()
-            reply = ("ok", _to_numpy(produced.out), _to_numpy(produced.lse))
+            grads = None if produced.grads is None else tuple(_to_numpy(g) for g in produced.grads)
+            reply = ("ok", _to_numpy(produced.out), (_to_numpy(produced.lse), grads, produced.grad_error))
         except BaseException as exc:  # noqa: BLE001 - everything is reported
             fault = _fault_in_chain(exc)
             probe = _probe(device) if gpu else None
@@ -311,7 +312,8 @@ class _Worker:
             self.kill()
             return "crash", f"target process {_describe_exit(code)}"
         if status == "ok":
-            return "ok", TargetOutput(np.asarray(a) if isinstance(a, np.ndarray) else a, b)
+            lse, grads, grad_error = b
+            return "ok", TargetOutput(np.asarray(a) if isinstance(a, np.ndarray) else a, lse, grads, grad_error)
         if status == "unsupported":
             return "unsupported", a
         if status == "fault":

@@ -74,17 +74,21 @@ def _slice_mask(mask, axis: int, index) -> np.ndarray | None:
 def take(case: Case, *, batch=None, q_heads=None, kv_heads=None, rows=None, keys=None, dims=None,
          v_dims=None) -> Case:
     """The sub-case on the given index lists (None keeps an axis whole)."""
-    q, k, v, mask = case.q, case.k, case.v, case.attn_mask
+    q, k, v, mask, do = case.q, case.k, case.v, case.attn_mask, case.do
+    # The output gradient (B, H, Nq, Dv) follows q's batch, heads and rows and v's head dim.
     if batch is not None:
         q, k, v = q[batch], k[batch], v[batch]
+        do = None if do is None else do[batch]
         mask = _slice_mask(mask, 0, batch)
     if q_heads is not None:
         q = q[:, q_heads]
+        do = None if do is None else do[:, q_heads]
         mask = _slice_mask(mask, 1, q_heads)
     if kv_heads is not None:
         k, v = k[:, kv_heads], v[:, kv_heads]
     if rows is not None:
         q = q[:, :, rows]
+        do = None if do is None else do[:, :, rows]
         mask = _slice_mask(mask, 2, rows)
     if keys is not None:
         k, v = k[:, :, keys], v[:, :, keys]
@@ -93,10 +97,11 @@ def take(case: Case, *, batch=None, q_heads=None, kv_heads=None, rows=None, keys
         q, k = q[..., dims], k[..., dims]
     if v_dims is not None:
         v = v[..., v_dims]
+        do = None if do is None else do[..., v_dims]
     arrays = {n: np.ascontiguousarray(a) for n, a in (("q", q), ("k", k), ("v", v))}
     gqa = case.enable_gqa and arrays["q"].shape[1] != arrays["k"].shape[1]
     return case.replace(**arrays, attn_mask=None if mask is None else np.ascontiguousarray(mask), enable_gqa=gqa,
-                        do=None, tags={**case.tags, "minimized": True})
+                        do=None if do is None else np.ascontiguousarray(do), tags={**case.tags, "minimized": True})
 
 
 def _parts(n: int) -> list[int]:

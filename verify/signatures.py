@@ -33,8 +33,10 @@ __all__ = ["FAILURE_CLASSES", "normalize_message", "signature_key", "slug", "sym
 #: bound; shape, dtype: the output's; raised: the target raised; fault: a
 #: device fault (the CUDA context is dead); crash: the process died; hang:
 #: no answer within the timeout.
+#: The grad-* classes are the same for the gradients dQ, dK, dV of a --grad
+#: run (grad-raised: the backward raised while the forward returned).
 FAILURE_CLASSES = ("wrong", "non-finite", "nan-dropped", "nan-leak", "lse", "shape", "dtype", "raised", "fault",
-                   "crash", "hang")
+                   "crash", "hang", "grad-wrong", "grad-non-finite", "grad-shape", "grad-dtype", "grad-raised")
 
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]+")
 _NUMBER = re.compile(r"(?<![A-Za-z_])[-+]?\d+(\.\d+)?([eE][-+]?\d+)?")
@@ -53,7 +55,7 @@ def symptom_for(failure_class: str, *, diagnosis: str | None = None, message: st
     """The symptom text of a failure of ``failure_class``."""
     if failure_class not in FAILURE_CLASSES:
         raise ValueError(f"unknown failure class {failure_class!r}; expected one of {FAILURE_CLASSES}")
-    if failure_class in ("raised", "fault", "crash"):
+    if failure_class in ("raised", "fault", "crash", "grad-raised"):
         return normalize_message(message or failure_class)
     if failure_class == "hang":
         return "no answer within the timeout"
@@ -67,6 +69,10 @@ def symptom_for(failure_class: str, *, diagnosis: str | None = None, message: st
         "lse": "log-sum-exp beyond its bound",
         "shape": "wrong output shape",
         "dtype": "wrong output dtype",
+        "grad-wrong": "gradient beyond the bound",
+        "grad-non-finite": "NaN or Inf gradient from finite inputs",
+        "grad-shape": "wrong gradient shape",
+        "grad-dtype": "wrong gradient dtype",
     }[failure_class]
 
 

@@ -14,6 +14,17 @@ log-sum-exp) as torch tensors. Built-in names:
 
 A target raises `NotImplementedError` for a feature combination it does not
 support (the case is then recorded as unsupported, not failed).
+
+Gradients: when the case carries an output gradient (``case.do``), every
+target also returns dq, dk, dv. The torch targets get them from autograd,
+``torch.autograd.grad(out, (q, k, v), do)``, with q, k, v (and dO) in the
+case's memory layout; ``numpy-tiled`` from the NumPy backward emulation
+(`flashcheck.kernels.numpy_backward`). A target that cannot differentiate a
+case (no autograd formula, a backend without a backward for it) returns its
+forward output with ``grad_error = ("unsupported", why)``: the gradient is
+unsupported, the forward is still judged. A backward that raises anything
+else gives ``("raised", message)``; a device fault is re-raised, so that the
+isolated worker sees it.
 """
 
 from __future__ import annotations
@@ -42,6 +53,8 @@ class TargetError(ValueError):
 class TargetOutput:
     out: object  # torch tensor as the target returned it
     lse: object | None = None
+    grads: tuple | None = None  # (dq, dk, dv) when the case has ``do`` and the backward ran
+    grad_error: tuple | None = None  # ("unsupported" | "raised", message) when it did not
 
 
 @dataclass
@@ -75,12 +88,75 @@ def _run_triton(case: Case, device: str) -> TargetOutput:
     if case.v.shape[-1] != case.q.shape[-1]:
         raise NotImplementedError("the Triton kernel needs V's head dim equal to Q's")
 
-    q, k, v, mask = case.to_torch(device)
-    out, lse = triton_flash.attention(
-        q, k, v, attn_mask=mask, is_causal=case.is_causal, scale=case.scale,
-        enable_gqa=case.enable_gqa, return_lse=True, block_m=case.block_m, block_n=case.block_n,
-    )
-    return TargetOutput(out, lse)
+    def call(q, k, v, mask):
+        return triton_flash.attention(
+            q, k, v, attn_mask=mask, is_causal=case.is_causal, scale=case.scale,
+            enable_gqa=case.enable_gqa, return_lse=True, block_m=case.block_m, block_n=case.block_n,
+        )
+
+    return _run_torch(case, device, call)
+
+
+# -- gradients through autograd ----------------------------------------------------
+#: Messages of autograd errors that mean "no backward for this", not a bug.
+_NO_BACKWARD = ("does not require grad", "does not have a grad_fn", "derivative for", "not implemented",
+                "is not differentiable", "no backward", "not supported")
+
+
+def _backward(case: Case, device: str, out, inputs) -> tuple[tuple | None, tuple | None]:
+    """(grads, None) or (None, (status, message)) for ``out`` against
+    ``inputs`` under the case's output gradient."""
+    import torch
+
+    from flashcheck.verify.isolation import fault_kind
+
+    if not getattr(out, "requires_grad", False):
+        return None, ("unsupported", "the output does not require grad: the target is not differentiable "
+                                     "(no autograd graph from q, k, v)")
+    try:
+        grads = torch.autograd.grad(out, inputs, grad_outputs=case.do_torch(device).to(out.device),
+                                    allow_unused=True)
+    except NotImplementedError as exc:
+        return None, ("unsupported", f"backward: {exc}" if str(exc) else "backward not implemented")
+    except Exception as exc:  # noqa: BLE001 - classified below
+        message = f"{type(exc).__name__}: {exc}"
+        if fault_kind(message):
+            raise  # a dead device: the isolated worker must see it
+        if isinstance(exc, RuntimeError) and any(s in str(exc) for s in _NO_BACKWARD):
+            return None, ("unsupported", f"backward: {message}")
+        return None, ("raised", f"backward raised {message}")
+    if any(g is None for g in grads):
+        unused = [n for n, g in zip("qkv", grads) if g is None]
+        return None, ("raised", f"backward gave no gradient for {', '.join(unused)} (the output does not depend "
+                                f"on it through autograd)")
+    return tuple(g.detach() for g in grads), None
+
+
+def _run_torch(case: Case, device: str, call) -> TargetOutput:
+    """``call(q, k, v, mask) -> out or (out, lse)`` on the case's tensors;
+    with ``case.do``, q, k, v require grad and the gradients come back too.
+    A target that declines the differentiable call (NotImplementedError)
+    still gets its forward judged, without gradients."""
+    def forward(grad: bool):
+        q, k, v, mask = case.to_torch(device, requires_grad=grad)
+        res = call(q, k, v, mask)
+        out, lse = res if isinstance(res, tuple) else (res, None)
+        return (q, k, v), out, lse
+
+    if case.do is None:
+        _, out, lse = forward(False)
+        return TargetOutput(out, lse)
+    try:
+        inputs, out, lse = forward(True)
+    except NotImplementedError as exc:
+        _, out, lse = forward(False)
+        return TargetOutput(out, lse, grad_error=("unsupported", f"declined with requires_grad: {exc}"))
+    grads, error = _backward(case, device, out, inputs)
+    return TargetOutput(_detached(out), _detached(lse), grads, error)
+
+
+def _detached(t):
+    return t.detach() if hasattr(t, "detach") else t
 
 
 def _triton_model(dtype: str, device: str) -> PrecisionModel:
@@ -99,15 +175,33 @@ def _numpy_tiled(model_name: str | None):
         if not all(np.isfinite(t.astype(np.float64)).all() for t in (case.q, case.k, case.v)):
             raise NotImplementedError("the NumPy emulation is defined for finite inputs only")
         model = get_model(model_name or default_model_name(fmt), fmt)
+        block_m, block_n = case.block_m or 64, case.block_n or 64
         out, lse = tiled_attention(
             case.q, case.k, case.v, case.attn_mask, case.is_causal, case.scale, case.enable_gqa,
-            block_m=case.block_m or 64, block_n=case.block_n or 64, model=model, return_lse=True,
+            block_m=block_m, block_n=block_n, model=model, return_lse=True,
         )
         stored = from_float64(out, fmt)
-        t = torch.from_numpy(stored.view(np.int16)).view(torch.bfloat16) if fmt == "bf16" else torch.from_numpy(stored)
-        return TargetOutput(t, torch.from_numpy(lse))
+        grads = None
+        if case.do is not None:
+            from flashcheck.kernels.numpy_backward import attention_backward
+
+            # The backward reads what the forward saved: the stored output and the fp32 LSE.
+            grads = tuple(_stored_tensor(from_float64(g, fmt)) for g in attention_backward(
+                case.q, case.k, case.v, stored, lse.astype(np.float32), case.do, case.attn_mask, case.is_causal,
+                case.scale, case.enable_gqa, block_m=block_m, block_n=block_n, model=model))
+        return TargetOutput(_stored_tensor(stored), torch.from_numpy(lse), grads)
 
     return run
+
+
+def _stored_tensor(stored: np.ndarray):
+    """A NumPy array of a storage dtype (bfloat16 included) as a torch tensor."""
+    import torch
+
+    if stored.dtype.name == "bfloat16":
+        return torch.from_numpy(stored.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(stored)
+
 
 
 #: Target name -> the ``torch.nn.attention.SDPBackend`` member it forces
@@ -125,18 +219,20 @@ def _sdpa(backend: str):
         import torch
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        q, k, v, mask = case.to_torch(device)
-        try:
-            with sdpa_kernel(getattr(SDPBackend, backend)):
-                out = torch.nn.functional.scaled_dot_product_attention(
-                    q, k, v, attn_mask=mask, is_causal=case.is_causal, scale=case.scale,
-                    enable_gqa=case.enable_gqa,
-                )
-        except RuntimeError as exc:
-            if "No available kernel" in str(exc) or "No viable backend" in str(exc):
-                raise NotImplementedError(f"SDPA backend {backend} does not support this case") from exc
-            raise
-        return TargetOutput(out)
+        def call(q, k, v, mask):
+            try:
+                with sdpa_kernel(getattr(SDPBackend, backend)):
+                    return torch.nn.functional.scaled_dot_product_attention(
+                        q, k, v, attn_mask=mask, is_causal=case.is_causal, scale=case.scale,
+                        enable_gqa=case.enable_gqa,
+                    )
+            except RuntimeError as exc:
+                if "No available kernel" in str(exc) or "No viable backend" in str(exc):
+                    grad = " with requires_grad" if q.requires_grad else ""
+                    raise NotImplementedError(f"SDPA backend {backend} does not support this case{grad}") from exc
+                raise
+
+        return _run_torch(case, device, call)
 
     return run
 
@@ -156,12 +252,14 @@ def _flash_attn(case: Case, device: str) -> TargetOutput:
     if case.is_causal and case.q.shape[2] != case.k.shape[2]:
         # flash-attn aligns causal masks bottom-right; SDPA aligns them top-left.
         raise NotImplementedError("flash-attn's causal mask is bottom-right aligned when Nq != Nk")
-    q, k, v, _ = case.to_torch(device)
-    out, lse, _ = flash_attn.flash_attn_func(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-        softmax_scale=case.scale, causal=case.is_causal, return_attn_probs=True,
-    )
-    return TargetOutput(out.transpose(1, 2), lse)
+    def call(q, k, v, mask):
+        out, lse, _ = flash_attn.flash_attn_func(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            softmax_scale=case.scale, causal=case.is_causal, return_attn_probs=True,
+        )
+        return out.transpose(1, 2), lse
+
+    return _run_torch(case, device, call)
 
 
 # -- compiled targets (torch.compile) --------------------------------------------
@@ -239,7 +337,8 @@ def _call_compiled(name: str, q, *args, **kwargs):
 
     fn = _compiled(name)
     try:
-        with torch.no_grad(), _recompile_settings():
+        # Grad mode only when gradients are asked for: compiling the backward costs time.
+        with torch.set_grad_enabled(q.requires_grad), _recompile_settings():
             return fn(q, *args, **kwargs)
     except Exception as exc:
         reason = _compile_decline(exc)
@@ -272,10 +371,13 @@ def _bias_mod(full):
 
 
 def _run_flex(case: Case, device: str) -> TargetOutput:
+    return _run_torch(case, device, lambda q, k, v, mask: _flex_call(case, device, q, k, v, mask))
+
+
+def _flex_call(case: Case, device: str, q, k, v, mask):
     import torch
     from torch.nn.attention import flex_attention as fa
 
-    q, k, v, mask = case.to_torch(device)
     B, H, Nq, _ = q.shape
     Nk = k.shape[2]
     score_mod = block_mask = None
@@ -296,11 +398,10 @@ def _run_flex(case: Case, device: str) -> TargetOutput:
     want_lse = device != "cpu"
     if want_lse and hasattr(fa, "AuxRequest"):
         out, aux = _call_compiled("flex", q, k, v, return_aux=fa.AuxRequest(lse=True), **kwargs)
-        return TargetOutput(out, aux.lse)
+        return out, aux.lse
     if want_lse:
-        out, lse = _call_compiled("flex", q, k, v, return_lse=True, **kwargs)
-        return TargetOutput(out, lse)
-    return TargetOutput(_call_compiled("flex", q, k, v, **kwargs))
+        return _call_compiled("flex", q, k, v, return_lse=True, **kwargs)
+    return _call_compiled("flex", q, k, v, **kwargs)
 
 
 def _math_attention(q, k, v, mask, is_causal: bool, scale: float, groups: int):
@@ -327,10 +428,10 @@ def _math_attention(q, k, v, mask, is_causal: bool, scale: float, groups: int):
 def _run_compiled_math(case: Case, device: str) -> TargetOutput:
     import math
 
-    q, k, v, mask = case.to_torch(device)
-    scale = case.scale if case.scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    groups = q.shape[1] // k.shape[1]
-    return TargetOutput(_call_compiled("compiled-math", q, k, v, mask, case.is_causal, scale, groups))
+    scale = case.scale if case.scale is not None else 1.0 / math.sqrt(case.q.shape[-1])
+    groups = case.q.shape[1] // case.k.shape[1]
+    return _run_torch(case, device, lambda q, k, v, mask: _call_compiled("compiled-math", q, k, v, mask,
+                                                                          case.is_causal, scale, groups))
 
 
 def _callable_target(spec: str) -> Callable:
@@ -350,10 +451,9 @@ def _callable_target(spec: str) -> Callable:
         raise TargetError(f"target {spec!r}: {attr!r} is not callable")
 
     def run(case: Case, device: str) -> TargetOutput:
-        q, k, v, mask = case.to_torch(device)
-        out = fn(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=case.is_causal, scale=case.scale,
-                 enable_gqa=case.enable_gqa)
-        return TargetOutput(out)
+        return _run_torch(case, device, lambda q, k, v, mask: fn(
+            q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=case.is_causal, scale=case.scale,
+            enable_gqa=case.enable_gqa))
 
     return run
 
