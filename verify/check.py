@@ -449,6 +449,9 @@ def _judge_backward(result: CaseResult, case: Case, produced, model: PrecisionMo
     _describe_failure(result, j.kind, at=j.worst_at, allowed=j.allowed, diagnosis=diagnosis, symptom=symptom,
                       keys=j.grad != "dq")
     result.failure["gradient"] = j.grad
+    if j.kind == "grad-wrong":
+        b, e = getattr(j.bound, j.grad), getattr(ref, j.grad + "_err_bound")
+        result.failure["allowed_max"] = float(np.max((b + e)[np.isfinite(b)], initial=0.0))
 
 
 def _describe_exception(result: CaseResult, exc: Exception, device: str) -> None:
