@@ -9,6 +9,8 @@ torch's CPU flash backend returns 0, not NaN, for a query row holding a NaN.
 from __future__ import annotations
 
 import ast
+import contextlib
+import functools
 import importlib.util
 import os
 import re
@@ -22,7 +24,11 @@ import pytest
 
 from flashcheck.kernels.models import get_model
 from flashcheck.properties.case import Case
+from flashcheck.properties.grads import with_output_gradient
+from flashcheck.verify.check import run_case
+from flashcheck.verify.findings import Finding, FindingTracker
 from flashcheck.verify.repro_script import INLINE_LIMIT, int_list_literal, script_text, write_repro
+from flashcheck.verify.targets import resolve_target
 
 ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"fp16": np.float16, "bf16": ml_dtypes.bfloat16, "fp32": np.float32}
@@ -62,14 +68,17 @@ def _run(directory: Path, *args: str, isolated: bool = True) -> subprocess.Compl
 
 
 def _run_many(runs) -> list[subprocess.CompletedProcess]:
-    """Several ``(directory, args, isolated)`` runs at once (each mostly imports torch)."""
+    """Several ``(directory, args, isolated)`` runs at once (each mostly imports torch).
+    ``isolated``: True runs ``python -I``; False puts this checkout on
+    PYTHONPATH, a directory puts that directory there (for scripts that
+    import a MODULE:FUNCTION target)."""
     procs = []
     for directory, args, isolated in runs:
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
         env["OMP_NUM_THREADS"] = "1"  # several run at once
-        if not isolated:  # for scripts that import a MODULE:FUNCTION target from this checkout
-            env["PYTHONPATH"] = str(ROOT)
-        cmd = [sys.executable, *(["-I"] if isolated else []), "repro.py", *args]
+        if isolated is not True:
+            env["PYTHONPATH"] = str(ROOT if isolated is False else isolated)
+        cmd = [sys.executable, *(["-I"] if isolated is True else []), "repro.py", *args]
         procs.append(subprocess.Popen(cmd, cwd=directory, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
     results = []
@@ -111,7 +120,8 @@ SCENARIOS = {}
 
 
 def scenario(build):
-    """``build(directory) -> (args, isolated, info)``: write a reproducer there."""
+    """``build(directory) -> (args, isolated, info)``: write a reproducer there
+    (``isolated`` as `_run_many` takes it)."""
     SCENARIOS[build.__name__] = build
     return build
 
@@ -419,3 +429,237 @@ def test_bad_device_and_meta(tmp_path):
         write_repro(tmp_path, _case(), "sdpa-math", _failure(), device="")
     with pytest.raises(ValueError, match="meta"):
         write_repro(tmp_path, _case(), "sdpa-math", _failure(), device="cpu", meta=["torch"])
+
+
+# -- gradient failures ----------------------------------------------------------------------------
+#: Planted backward bugs: SDPA with one gradient broken, as a module that the
+#: scripts import (a MODULE:FUNCTION target), written beside the scenarios.
+GRAD_MODULE = "flashcheck_planted_grad"
+GRAD_BUGS = '''\
+"""Planted backward bugs: SDPA with one gradient broken (by `how`)."""
+import torch
+import torch.nn.functional as F
+
+
+class _Broken(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, how):
+        ctx.how = how
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.clone()
+        if ctx.how == "zero last key":
+            g[:, :, -1] = 0
+        elif ctx.how == "nan":
+            g[0, 0, 0, 0] = float("nan")
+        else:
+            raise RuntimeError("planted failure in the backward")
+        return g, None
+
+
+def zero_last_dk(q, k, v, attn_mask=None, **options):
+    k = _Broken.apply(k, "zero last key")
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, **options)
+
+
+def nan_dv(q, k, v, attn_mask=None, **options):
+    v = _Broken.apply(v, "nan")
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, **options)
+
+
+def raising_dq(q, k, v, attn_mask=None, **options):
+    q = _Broken.apply(q, "raise")
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, **options)
+'''
+
+
+def _grad_case() -> Case:
+    """MQA, strided layout, a fully masked query row (2), and an output gradient."""
+    mask = np.ones((6, 7), bool)
+    mask[2] = False
+    case = _case("fp16", shape=(1, 2, 6, 8), kv_heads=1, nk=7, enable_gqa=True, layout="strided", attn_mask=mask)
+    return with_output_gradient(case, "normal")
+
+
+def _grad_module_dir(directory: Path) -> Path:
+    """The directory holding GRAD_MODULE (written once, beside ``directory``)."""
+    where = directory.parent / "planted_grad"
+    where.mkdir(parents=True, exist_ok=True)
+    (where / f"{GRAD_MODULE}.py").write_text(GRAD_BUGS)
+    return where
+
+
+@contextlib.contextmanager
+def _importable(where: Path):
+    sys.path.insert(0, str(where))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(where))
+
+
+@functools.cache
+def _harness_failure(where: Path, name: str) -> dict:
+    """The failure dict the harness gives planted bug ``name`` on `_grad_case`,
+    as `FindingTracker` passes it on."""
+    with _importable(where):
+        target = resolve_target(f"{GRAD_MODULE}:{name}")
+    result = run_case(_grad_case(), target)
+    assert result.verdict == "fail", result.reason
+    return dict(result.failure, reason=result.reason, model=result.model)
+
+
+@scenario
+def grad_wrong_planted(directory):
+    where = _grad_module_dir(directory)
+    failure = _harness_failure(where, "zero_last_dk")
+    write_repro(directory, _grad_case(), f"{GRAD_MODULE}:zero_last_dk", failure, device="cpu")
+    return (), where, {"failure": failure}
+
+
+@scenario
+def grad_wrong_correct(directory):
+    failure = _harness_failure(_grad_module_dir(directory), "zero_last_dk")
+    write_repro(directory, _grad_case(), "sdpa-math", failure, device="cpu")
+    return (), True, {}
+
+
+@scenario
+def grad_nan_planted(directory):
+    where = _grad_module_dir(directory)
+    failure = _harness_failure(where, "nan_dv")
+    write_repro(directory, _grad_case(), f"{GRAD_MODULE}:nan_dv", failure, device="cpu")
+    return (), where, {"failure": failure}
+
+
+@scenario
+def grad_raised_planted(directory):
+    where = _grad_module_dir(directory)
+    failure = _harness_failure(where, "raising_dq")
+    write_repro(directory, _grad_case(), f"{GRAD_MODULE}:raising_dq", failure, device="cpu")
+    return (), where, {"failure": failure}
+
+
+@scenario
+def grad_raised_correct(directory):
+    failure = _harness_failure(_grad_module_dir(directory), "raising_dq")
+    write_repro(directory, _grad_case(), "sdpa-math", failure, device="cpu")
+    return (), True, {}
+
+
+def test_a_wrong_gradient_reproduces_and_a_correct_backward_does_not(ran):
+    directory, result, info = ran["grad_wrong_planted"]
+    failure = info["failure"]
+    assert failure["class"] == "grad-wrong" and failure["gradient"] == "dk" and failure["at"][2] == 6
+    text = (directory / "repro.py").read_text()
+    assert {m for m in _imports(text) if "flashcheck" in m} == {GRAD_MODULE}
+    for expected in ("DO_BITS = [", "torch.autograd.grad(out, (q, k, v), do)", 'GRADIENT = "dk"',
+                     f"ALLOWED = {failure['allowed']!r}", f"ALLOWED_MAX = {failure['allowed_max']!r}",
+                     "AT = (0, 0, 6, 0)  # failing element of dk (b, kv_head, j, d)"):
+        assert expected in text
+    assert result.returncode == 1, _output(result)
+    for expected in ("dk of key (b=0, kv_head=0, j=6), dims 0..2:", "at (0, 0, 6, 0): |observed - expected|",
+                     "largest error anywhere in dk", "precision model 'fa2'", "bug reproduced"):
+        assert expected in result.stdout
+
+    _, correct, _ = ran["grad_wrong_correct"]  # sdpa-math, the same case and failure, python -I
+    assert correct.returncode == 0, _output(correct)
+    assert "not reproduced" in correct.stdout and "bug reproduced" not in correct.stdout
+
+
+def test_non_finite_and_raising_backwards_reproduce(ran):
+    _, nan, info = ran["grad_nan_planted"]
+    assert info["failure"]["class"] == "grad-non-finite" and info["failure"]["gradient"] == "dv"
+    assert nan.returncode == 1, _output(nan)
+    assert "1 of 56 dv elements are NaN/Inf where the float64 reference is finite" in nan.stdout
+    assert "bug reproduced" in nan.stdout
+
+    _, raised, info = ran["grad_raised_planted"]
+    assert info["failure"]["class"] == "grad-raised"
+    assert raised.returncode == 1, _output(raised)
+    assert "the backward raised RuntimeError: planted failure in the backward" in raised.stdout
+    assert "bug reproduced" in raised.stdout
+
+    _, correct, _ = ran["grad_raised_correct"]
+    assert correct.returncode == 0, _output(correct)
+    assert "the backward returned normally" in correct.stdout and "not reproduced" in correct.stdout
+    assert "max |observed - expected| over dv" in correct.stdout
+
+
+def test_gradient_scripts_build_the_exact_output_gradient_and_zero_masked_row_gradients(tmp_path):
+    import torch
+
+    from flashcheck.verify import oracle
+
+    case = _grad_case()
+    script = write_repro(tmp_path, case, "sdpa-math", _failure("grad-wrong", gradient="dq", at=[0, 1, 5, 7]),
+                         device="cpu")
+    module = _load_script(script)
+    q, k, v, attn_mask, do = module.make_inputs("cpu")
+    assert np.array_equal(_torch_bits(do), case.do.view(np.int16)) and do.stride() == case.do_torch().stride()
+    grads = module.reference_gradients(q, k, v, attn_mask, do, is_causal=False, scale=None, enable_gqa=True)
+    assert [tuple(g.shape) for g in grads] == [case.q.shape, case.k.shape, case.v.shape]
+    assert all(bool(torch.isfinite(g).all()) for g in grads)
+    assert not grads[0][:, :, 2].any() and grads[0][:, :, 3].abs().sum() > 0  # fully masked row 2: exactly 0
+    ref = oracle.attention_case(case, keep=True, with_grad=True)
+    for got, exact in zip(grads, (ref.dq, ref.dk, ref.dv)):
+        assert np.allclose(got.numpy(), exact, rtol=1e-9, atol=1e-12)
+
+
+def test_a_large_output_gradient_goes_through_inputs_npz(tmp_path):
+    case = _grad_case()
+    large = case.replace(q=np.tile(case.q, (1, 1, 60, 1)), do=np.tile(case.do, (1, 1, 60, 1)), attn_mask=None)
+    assert large.q.size + large.k.size + large.v.size <= INLINE_LIMIT < _num_inputs(large)  # dO tips it over
+    script = write_repro(tmp_path, large, "sdpa-math", _failure("grad-raised", at=None), device="cpu")
+    with np.load(tmp_path / "inputs.npz") as data:
+        assert set(data.files) == {"q", "k", "v", "do"}
+    do = _load_script(script).make_inputs("cpu")[-1]
+    assert np.array_equal(_torch_bits(do), large.do.view(np.int16)) and do.stride() == large.do_torch().stride()
+
+
+def _num_inputs(case: Case) -> int:
+    return sum(a.size for a in (case.q, case.k, case.v, case.do))
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_every_target_gives_a_short_gradient_script(target):
+    case = _grad_case().replace(layout="bnhd")
+    for cls, failure in (("grad-wrong", _failure("grad-wrong", gradient="dv", at=[0, 0, 6, 7])),
+                         ("grad-non-finite", _failure("grad-non-finite", gradient="dq", at=[0, 1, 5, 0])),
+                         ("grad-raised", _failure("grad-raised", at=None))):
+        text = script_text(case, target, failure, device="cuda")
+        assert all(len(line) <= 79 for line in text.splitlines()), (target, cls)
+        assert "def reference_gradients" in text and "torch.cuda.synchronize()" in text
+        assert "check(q, k, v, attn_mask, do)" in text
+
+
+@pytest.mark.parametrize(("case", "failure", "message"), [
+    (_case(), _failure("grad-raised"), "needs case.do, the output gradient"),
+    (_grad_case(), _failure("grad-wrong"), "needs 'gradient', one of ('dq', 'dk', 'dv')"),
+    (_grad_case(), _failure("grad-wrong", gradient="dk", at=[0, 1, 0, 0]), "outside dk's shape (1, 1, 7, 8)"),
+    (_grad_case(), _failure("grad-wrong", gradient="dk", at=[0, 0, 0]), "failing element of dk, (b, kv_head, j, d)"),
+    (_grad_case(), _failure("grad-wrong", gradient="dq", at=None), "'grad-wrong' needs 'at'"),
+    (_grad_case(), _failure("grad-wrong", gradient="dq", allowed=None), "'grad-wrong' needs 'allowed'"),
+    (_grad_case(), _failure("grad-wrong", gradient="dq", allowed_max=0.0), "allowed_max"),
+    (_grad_case(), _failure("grad-non-finite", gradient="dv", at=None), "'grad-non-finite' needs 'at'"),
+])
+def test_bad_gradient_failures_raise_value_error(tmp_path, case, failure, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        write_repro(tmp_path / "out", case, "sdpa-math", failure, device="cpu")
+    assert not (tmp_path / "out").exists()
+
+
+def test_findings_write_a_script_for_gradient_failures_only_where_one_can_check(tmp_path):
+    case = _grad_case()
+    failure = _harness_failure(_grad_module_dir(tmp_path / "x"), "zero_last_dk")
+    result = run_case(case, resolve_target("sdpa-math"))  # stands in for a re-run: only failure is read
+    tracker = FindingTracker(tmp_path, "cpu")
+    written = {}
+    for cls in ("grad-wrong", "grad-dtype"):
+        result.failure = dict(failure, **{"class": cls})
+        finding = Finding(signature=cls, base=cls, target="sdpa-math", failure_class=cls, symptom="", trigger=None)
+        tracker._write(finding, case, {}, result)
+        written[cls] = sorted(p.name for p in (tmp_path / finding.repro).iterdir())
+    assert written == {"grad-wrong": ["case.npz", "repro.py"], "grad-dtype": ["README.txt", "case.npz"]}

@@ -139,7 +139,8 @@ class FindingTracker:
 
         failure = dict(result.failure) if result is not None else {
             "class": row.get("failure_class"), "symptom": row.get("symptom"), "trigger": row.get("trigger"),
-            "features": row.get("features") or [], "at": row.get("failure_at"), "allowed": row.get("allowed")}
+            "features": row.get("features") or [], "at": row.get("failure_at"), "allowed": row.get("allowed"),
+            "allowed_max": row.get("allowed_max"), "gradient": row.get("gradient")}
         reason = result.reason if result is not None else row.get("reason")
         model = result.model if result is not None else row.get("model")
         failure.update(signature=finding.base, reason=reason, model=model)
@@ -154,7 +155,9 @@ class FindingTracker:
                                                          "device": self.device, "verdict": "fail", "reason": reason}})
         if finding.target == "numpy-tiled" or failure["class"] not in SCRIPTED:
             # No standalone script: the NumPy model is flashcheck's own, and the
-            # LSE, shape and dtype checks need the harness's conventions.
+            # LSE, shape and dtype checks (of outputs and gradients) need the
+            # harness's conventions. grad-wrong, grad-non-finite and grad-raised
+            # get a script that runs the backward too.
             directory.mkdir(parents=True)
             case.save(directory / "case.npz")
             (directory / "README.txt").write_text(

@@ -16,11 +16,17 @@ a value was to be checked but the call raised instead. ``--device`` runs it
 elsewhere; ``--dump PATH`` saves the inputs it built (bit patterns and
 strides, .npz) and stops before the call.
 
+A gradient failure (``grad-wrong``, ``grad-non-finite``, ``grad-raised``)
+gets the same script with the case's output gradient dO among the inputs:
+it runs the call with q, k, v requiring grad, then
+``torch.autograd.grad(out, (q, k, v), dO)``, and compares the failing
+gradient with float64 autograd through the script's own reference.
+
 The script is assembled from one template (`_SCRIPT`) whose sections are
 filled by small generators: inputs (`_inputs_section`), layout
 (`_LAYOUTS`), the call (`_kernel_section`, one generator per target kind,
 e.g. `_kernel_flex`), the float64 reference (`_REFERENCE`) and the check
-for the failure class (`_CHECKS`).
+for the failure class (`_CHECKS`, `_GRAD_CHECKS`).
 """
 
 from __future__ import annotations
@@ -50,15 +56,22 @@ FAILURE_CLASSES = {
     "fault": "the call raises a (CUDA) fault",
     "crash": "the process dies",
     "hang": "the call never returns",
+    "grad-wrong": "a gradient's error at the failing element exceeds the certified bound",
+    "grad-non-finite": "NaN/Inf in a gradient where the float64 reference is finite",
+    "grad-raised": "the backward raises",
 }
 _VALUE_CLASSES = ("wrong", "non-finite", "nan-dropped", "nan-leak")
+_GRAD_CLASSES = ("grad-wrong", "grad-non-finite", "grad-raised")
+#: Gradient -> the case array of its shape, and what its index (b, h, i, d) names.
+_GRADIENTS = {"dq": ("q", "(b, h, i, d)"), "dk": ("k", "(b, kv_head, j, d)"), "dv": ("v", "(b, kv_head, j, d)")}
 _ROW_CLASSES = ("nan-dropped", "nan-leak")  # `at` may name a row (b, h, i)
 
 #: Targets the generator knows (besides ``MODULE:FUNCTION``).
 TARGET_KINDS = (*_SDPA, "flex", "compiled-math", "triton", "flash-attn", "MODULE:FUNCTION")
 
-#: Inputs with at most this many elements in all (q, k, v, mask) are written
-#: into the script; larger ones go to inputs.npz beside it.
+#: Inputs with at most this many elements in all (q, k, v, mask, and dO for
+#: a gradient failure) are written into the script; larger ones go to
+#: inputs.npz beside it.
 INLINE_LIMIT = 8192
 
 #: Seconds a "hang" script waits for the call before it declares the bug.
@@ -100,7 +113,7 @@ def _check_failure(case: Case, failure) -> dict:
     if cls not in FAILURE_CLASSES:
         raise ValueError(f"unknown failure class {cls!r}; expected one of {tuple(FAILURE_CLASSES)}")
     out = {"reason": "", "signature": "", "at": None, "allowed": None, "allowed_max": None, "model": None,
-           "features": []}
+           "features": [], "gradient": None}
     out.update(failure)
     for key in ("reason", "signature"):
         if not isinstance(out[key] or "", str):
@@ -110,15 +123,19 @@ def _check_failure(case: Case, failure) -> dict:
     if isinstance(features, str) or not all(isinstance(f, str) for f in features):
         raise ValueError(f"failure['features'] must be a list of strings, got {features!r}")
     out["features"] = list(features)
-    out["at"] = _check_at(case, cls, out["at"])
-    if cls == "wrong":
+    if cls in _GRAD_CLASSES:
+        _check_gradient_failure(case, out)
+    else:
+        out["at"] = _check_at(case, cls, out["at"])
+    if cls in ("wrong", "grad-wrong"):
         if out["at"] is None or len(out["at"]) != 4:
-            raise ValueError("failure class 'wrong' needs 'at', the failing element (b, h, i, d)")
+            raise ValueError(f"failure class {cls!r} needs 'at', the failing element (b, h, i, d)")
         allowed = out["allowed"]
         if (not isinstance(allowed, numbers.Real) or isinstance(allowed, bool)
                 or not math.isfinite(allowed) or allowed < 0):
-            raise ValueError(f"failure class 'wrong' needs 'allowed', a finite bound >= 0, got {allowed!r}")
+            raise ValueError(f"failure class {cls!r} needs 'allowed', a finite bound >= 0, got {allowed!r}")
         out["allowed"] = float(allowed)
+        # Without allowed_max, the bound at the failing element stands for all of them.
         top = out["allowed_max"] if out["allowed_max"] is not None else allowed
         if not isinstance(top, numbers.Real) or isinstance(top, bool) or not top >= allowed or not math.isfinite(top):
             raise ValueError(f"failure['allowed_max'] must be a finite bound >= allowed ({allowed!r}), got {top!r}")
@@ -126,6 +143,31 @@ def _check_failure(case: Case, failure) -> dict:
     if out["model"] is not None and not isinstance(out["model"], str):
         raise ValueError(f"failure['model'] must be a string or None, got {out['model']!r}")
     return out
+
+
+def _check_gradient_failure(case: Case, out: dict) -> None:
+    """Validate (in place) what a gradient failure needs: the case's output
+    gradient, and for a value failure the gradient and an index into it."""
+    cls = out["class"]
+    if case.do is None:
+        raise ValueError(f"failure class {cls!r} needs case.do, the output gradient the backward was given")
+    if cls == "grad-raised":
+        out["at"] = out["gradient"] = None  # the backward raised: no element to show
+        return
+    name = out["gradient"]
+    if name not in _GRADIENTS:
+        raise ValueError(f"failure class {cls!r} needs 'gradient', one of {tuple(_GRADIENTS)}, got {name!r}")
+    at, index = out["at"], _GRADIENTS[name][1]
+    if at is None:
+        raise ValueError(f"failure class {cls!r} needs 'at', the failing element of {name}, {index}")
+    if isinstance(at, (str, bytes)) or not hasattr(at, "__len__") or len(at) != 4:
+        raise ValueError(f"failure['at'] must be the failing element of {name}, {index}, got {at!r}")
+    if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in at):
+        raise ValueError(f"failure['at'] must hold integers, got {at!r}")
+    shape = getattr(case, _GRADIENTS[name][0]).shape
+    if not all(0 <= i < n for i, n in zip(at, shape)):
+        raise ValueError(f"failure['at'] = {list(at)} is outside {name}'s shape {shape}")
+    out["at"] = tuple(int(i) for i in at)
 
 
 def _check_at(case: Case, cls: str, at):
@@ -249,20 +291,39 @@ def _docstring(case, target, failure, device, meta, inline) -> str:
     if target == "triton":
         lines.append(_wrap("", "This target is the flashcheck project's own Triton kernel: the script "
                                "imports it, so it needs the flashcheck package installed."))
+    if cls in _GRAD_CLASSES:
+        lines.append(_wrap("", "The backward: q, k, v require grad, and dq, dk, dv = "
+                               "torch.autograd.grad(out, (q, k, v), do), with do (the output gradient) "
+                               "among the exact inputs."))
     needs = "torch" + ("" if inline else " and numpy (inputs.npz holds the inputs)")
+    status = "Exit status: 1 bug reproduced, 0 not reproduced"
+    if cls in _GRAD_CLASSES:
+        status = _wrap("", status + (", 2 the call itself raised (not its backward)." if cls == "grad-raised"
+                                     else ", 2 the call or its backward raised instead."))
+    else:
+        status += (", 2 the call raised instead." if cls in _VALUE_CLASSES else
+                   ", 2 the backend declines it." if cls in ("raised", "fault") and target in _SDPA else ".")
     lines += [
         f"Needs {needs}. Usage: python repro.py [--device DEV] [--dump PATH]",
         "(--dump saves the inputs' bit patterns and strides to PATH and stops).",
-        "Exit status: 1 bug reproduced, 0 not reproduced"
-        + (", 2 the call raised instead." if cls in _VALUE_CLASSES else
-           ", 2 the backend declines it." if cls in ("raised", "fault") and target in _SDPA else "."),
+        status,
     ]
     return '"""' + "\n".join(lines) + '\n"""'
 
 
-def _inputs_section(case: Case, inline: bool) -> tuple[str, str, list[str]]:
-    """(functions that build the inputs, the data block, extra imports)."""
-    tensors = [("q", case.q), ("k", case.k), ("v", case.v)]
+def _tensors(case: Case, grad: bool) -> list[tuple[str, np.ndarray]]:
+    """The inputs laid out as the case: q, k, v, and dO for a gradient failure."""
+    return [("q", case.q), ("k", case.k), ("v", case.v), *([("do", case.do)] if grad else [])]
+
+
+def _input_names(grad: bool) -> str:
+    return "q, k, v, attn_mask" + (", do" if grad else "")
+
+
+def _inputs_section(case: Case, inline: bool, grad: bool) -> tuple[str, str, list[str]]:
+    """(functions that build the inputs, the data block, extra imports).
+    ``grad``: dO, the output gradient, is an input too."""
+    tensors = _tensors(case, grad)
     fmt = _FORMATS[case.q.dtype.name]
     lines = []
     if inline:
@@ -318,16 +379,18 @@ def _inputs_section(case: Case, inline: bool) -> tuple[str, str, list[str]]:
             lines.append(f"    attn_mask = from_bits(data[\"attn_mask\"], {_FORMATS[mask.dtype.name][0]}).to(device)")
         data = []
         extra = ["import os", "import numpy as np"]
-    make = textwrap.dedent('''\
-        def make_inputs(device):
-            """q, k, v (in the case's memory layout) and attn_mask on `device`."""
-        ''') + "\n".join(lines) + "\n    return q, k, v, attn_mask\n"
+    what = "q, k, v (in the case's memory layout) and attn_mask on `device`."
+    if grad:
+        what = ("q, k, v and do, the output gradient (in the case's memory\n"
+                "    layout), and attn_mask on `device`.")
+    make = (f'def make_inputs(device):\n    """{what}"""\n' + "\n".join(lines)
+            + f"\n    return {_input_names(grad)}\n")
     return _join(helper, make), "\n".join(data), extra
 
 
-def _npz_arrays(case: Case) -> dict:
+def _npz_arrays(case: Case, grad: bool) -> dict:
     """inputs.npz: raw bit patterns (bf16 as uint16), bool masks as bool."""
-    arrays = {"q": case.q, "k": case.k, "v": case.v}
+    arrays = dict(_tensors(case, grad))
     if case.attn_mask is not None:
         arrays["attn_mask"] = case.attn_mask
     stored = {}
@@ -551,9 +614,10 @@ def visible_keys(q, k, attn_mask, is_causal):
 def reference_attention(q, k, v, attn_mask, is_causal, scale, enable_gqa):
     """softmax(q k^T * scale + mask) v in float64 on the CPU, from the exact
     inputs, with scaled_dot_product_attention's semantics. (enable_gqa only
-    permits Hkv < H; the mapping is repeat_kv's.)"""
+    permits Hkv < H; the mapping is repeat_kv's.) Differentiable in q, k, v
+    when they are float64 CPU tensors that require grad."""
     visible = visible_keys(q, k, attn_mask, is_causal)
-    q, k, v = (t.detach().to("cpu", torch.float64) for t in (q, k, v))
+    q, k, v = (t.to("cpu", torch.float64) for t in (q, k, v))
     k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
@@ -561,10 +625,26 @@ def reference_attention(q, k, v, attn_mask, is_causal, scale, enable_gqa):
     if attn_mask is not None and attn_mask.dtype != torch.bool:
         scores = scores + attn_mask.cpu().to(torch.float64)
     scores = scores.masked_fill(~visible, float("-inf"))
+    # A row with no visible key would be 0/0 = NaN; SDPA's math and efficient
+    # backends return 0 for it, and so does this reference. Its scores are
+    # set to 0 first, so that no NaN reaches the backward either: its
+    # gradients come out exactly 0.
+    empty = ~visible.any(-1, keepdim=True)
+    scores = scores.masked_fill(empty, 0.0)
     out = torch.softmax(scores, dim=-1) @ v
-    # A row with no visible key is 0/0 = NaN here; SDPA's math and efficient
-    # backends return 0 for it, and so does this reference.
-    return out.masked_fill(~visible.any(-1, keepdim=True), 0.0)
+    return out.masked_fill(empty, 0.0)
+'''
+
+_REFERENCE_GRADIENTS = '''\
+def reference_gradients(q, k, v, attn_mask, do, is_causal, scale, enable_gqa):
+    """(dq, dk, dv) of reference_attention for the output gradient `do`,
+    by float64 autograd on the CPU from the exact inputs. dk and dv are
+    summed over the query heads that share a kv head."""
+    q, k, v = (t.detach().to("cpu", torch.float64).requires_grad_()
+               for t in (q, k, v))
+    out = reference_attention(q, k, v, attn_mask, is_causal, scale,
+                              enable_gqa)
+    return torch.autograd.grad(out, (q, k, v), do.to("cpu", torch.float64))
 '''
 
 _NAN_ROWS = '''\
@@ -747,11 +827,164 @@ def check(q, k, v, attn_mask):
 '''
 
 
+_GRAD_REPORT = '''\
+def run_backward(q, k, v, attn_mask, do):
+    """The failing call with q, k, v requiring grad, then its backward:
+    torch.autograd.grad(out, (q, k, v), do). Returns ((dq, dk, dv), None),
+    or (None, what raised: "the call" or "the backward")."""
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    what = "the call"
+    try:
+        out = run_kernel(q, k, v, attn_mask)
+        if out.is_cuda:
+            torch.cuda.synchronize()  # CUDA errors surface asynchronously
+        what = "the backward"
+        grads = torch.autograd.grad(out, (q, k, v), do)
+        if out.is_cuda:
+            torch.cuda.synchronize()
+    except Exception as exc:
+        print(f"{what} raised {type(exc).__name__}: {exc}")
+        return None, what
+    return grads, None
+
+
+def far_from_overflow(expected, dtype):
+    """Elements whose expected value is finite and at most half the largest
+    value of `dtype`. flashcheck does not judge elements whose certified
+    bound allows overflow; this stands in for its rule."""
+    return expected.abs() <= torch.finfo(dtype).max / 2
+
+
+def largest_error(name, observed, expected, judged):
+    """The largest |observed - expected| of gradient `name` over the
+    elements in `judged` (NaN counts inf), printed and returned."""
+    error = (observed - expected).abs().nan_to_num(nan=math.inf)
+    error = torch.where(judged, error, 0.0)
+    if not error.numel():
+        return 0.0
+    worst = float(error.max())
+    at = tuple(int(i) for i in (error == worst).nonzero()[0])
+    print(f"max |observed - expected| over {name}: {worst!r} at {at}")
+    return worst
+'''
+
+_GRAD_ROW = '''\
+def show_gradient_row(observed, expected, at, width=2):
+    """Observed and expected GRADIENT at `at` and its neighbours."""
+    b, h, i, d = at
+    lo, hi = max(0, d - width), min(observed.shape[-1], d + width + 1)
+    print(f"{GRADIENT} $row_label,",
+          f"dims {lo}..{hi - 1}:")
+    print(f"{'d':>6} {'observed':>24} {'expected (float64)':>24}")
+    for j in range(lo, hi):
+        mark = "  <-" if j == d else ""
+        got, want = float(observed[b, h, i, j]), float(expected[b, h, i, j])
+        print(f"{j:>6} {got!r:>24} {want!r:>24}{mark}")
+'''
+
+#: The start of every gradient value check: call, backward, compare.
+_BACKWARD_AND_COMPARE = '''\
+    grads, raised = run_backward(q, k, v, attn_mask, do)
+    if raised:
+        print("not reproduced (gradients were expected)")
+        return 2
+    index = ("dq", "dk", "dv").index(GRADIENT)
+    dtype = grads[index].dtype
+    observed = grads[index].detach().to("cpu", torch.float64)
+    expected = reference_gradients(
+        q, k, v, attn_mask, do,
+        $call_args)[index]
+    if observed.shape != expected.shape:
+        print(f"{GRADIENT} shape {tuple(observed.shape)}, expected "
+              f"{tuple(expected.shape)}")
+        return 2
+    show_gradient_row(observed, expected, AT)
+    judged = far_from_overflow(expected, dtype)
+'''
+
+_GRAD_CHECKS = {
+    "grad-wrong": '''\
+    worst = largest_error(GRADIENT, observed, expected, judged)
+    error = abs(float(observed[AT]) - float(expected[AT]))
+    print(f"at {AT}: |observed - expected| = {error!r}, allowed {ALLOWED!r}")
+    print("(allowed: flashcheck's certified error bound at this element for "
+          f"the precision model {MODEL!r})")
+    print(f"largest error anywhere in {GRADIENT} {worst!r}; the largest "
+          f"bound anywhere is {ALLOWED_MAX!r}")
+    # A NaN error counts as the bug. Some kernels go wrong at different
+    # elements from run to run, so an error above every element's bound
+    # counts too (away from overflow, where no bound holds).
+    bug = not error <= ALLOWED or worst > ALLOWED_MAX
+''',
+    "grad-non-finite": '''\
+    largest_error(GRADIENT, observed, expected, judged)
+    bad = ~torch.isfinite(observed) & judged
+    count = int(bad.sum())
+    if count:
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        print(f"{count} of {bad.numel()} {GRADIENT} elements are NaN/Inf "
+              "where the float64 reference is finite (and far from "
+              f"overflow); first at {first}")
+    bug = count > 0
+''',
+}
+
+_CHECK_GRAD_RAISES = '''\
+def check(q, k, v, attn_mask, do):
+    """The failure was the backward raising. Does it raise again?"""
+    grads, raised = run_backward(q, k, v, attn_mask, do)
+    if raised == "the backward":
+        print("bug reproduced")
+        return 1
+    if raised:
+        print("not reproduced (the failure was in the backward, but the "
+              "call itself raised)")
+        return 2
+    print("the backward returned normally")
+    expected = reference_gradients(
+        q, k, v, attn_mask, do,
+        $call_args)
+    for name, got, want in zip(("dq", "dk", "dv"), grads, expected):
+        if got.shape == want.shape:
+            largest_error(name, got.detach().to("cpu", torch.float64), want,
+                          far_from_overflow(want, got.dtype))
+    print("not reproduced")
+    return 0
+'''
+
+
+def _grad_check_section(case: Case, failure: dict) -> tuple[str, list[str]]:
+    """(the check of a gradient failure and its helpers, constants)."""
+    cls = failure["class"]
+    subs = {"call_args": _call_args(case)}
+    if cls == "grad-raised":
+        return _join(_GRAD_REPORT, Template(_CHECK_GRAD_RAISES).substitute(subs)), []
+    name = failure["gradient"]
+    # dq's index names a query row; dk's and dv's a key row of a kv head.
+    row = "of query (b={b}, h={h}, i={i})" if name == "dq" else "of key (b={b}, kv_head={h}, j={i})"
+    report = _join(_GRAD_REPORT, Template(_GRAD_ROW).substitute(row_label=row))
+    doc = textwrap.fill(f"Run the call and its backward; the bug shows if {FAILURE_CLASSES[cls]}.", _WIDTH - 7,
+                        initial_indent='    """', subsequent_indent="    ")
+    code = (f'def check(q, k, v, attn_mask, do):\n{doc}"""\n'
+            + Template(_BACKWARD_AND_COMPARE).substitute(subs) + _GRAD_CHECKS[cls] + _VERDICT)
+    constants = [f"GRADIENT = {_quote(name)}  # the failing gradient"]
+    if cls == "grad-wrong":
+        constants += [
+            f"ALLOWED = {failure['allowed']!r}  # |observed - expected| allowed at AT",
+            f"ALLOWED_MAX = {failure['allowed_max']!r}  # the largest error allowed in {name}",
+            f"MODEL = {failure['model']!r}  # the precision model the bound is for",
+        ]
+    return _join(report, code), constants
+
+
 def _check_section(case: Case, failure: dict, sdpa: bool) -> tuple[str, str, list[str]]:
     """(the check and its helpers, constants, extra imports). ``sdpa``: the
     target is an SDPA backend, which raises when it declines a case."""
     cls = failure["class"]
     subs = {"call_args": _call_args(case), "is_causal": str(case.is_causal)}
+    if cls in _GRAD_CLASSES:
+        code, constants = _grad_check_section(case, failure)
+        return code, "\n".join(constants), []
     if cls in _VALUE_CLASSES:
         helpers = {"nan-dropped": _NAN_ROWS, "nan-leak": _FINITE_ROWS}.get(cls, "")
         doc = textwrap.fill(f"Run the call; the bug shows if {FAILURE_CLASSES[cls]}.", _WIDTH - 7,
@@ -815,11 +1048,11 @@ def main():
     args = parser.parse_args()
     print_versions(args.device)
     print("case:", CASE)
-    q, k, v, attn_mask = make_inputs(args.device)
+    $names = make_inputs(args.device)
     if args.dump:
-        dump(args.dump, q=q, k=k, v=v, attn_mask=attn_mask)
+        dump(args.dump, $dumped)
         return 0
-    return check(q, k, v, attn_mask)
+    return check($names)
 '''
 
 #: The script: sections separated by two blank lines (`_join`).
@@ -891,9 +1124,10 @@ def script_text(case: Case, target: str, failure: dict, *, device: str, meta: di
         raise ValueError(f"meta must be a dict or None, got {type(meta).__name__}")
     if case.attn_mask is not None and case.attn_mask.dtype != bool and case.attn_mask.dtype.name not in _FORMATS:
         raise ValueError(f"attn_mask dtype {case.attn_mask.dtype} is neither bool nor a float format")
+    grad = failure["class"] in _GRAD_CLASSES
     if inline is None:
-        inline = _num_elements(case) <= INLINE_LIMIT
-    inputs, data, input_imports = _inputs_section(case, inline)
+        inline = _num_elements(case, grad) <= INLINE_LIMIT
+    inputs, data, input_imports = _inputs_section(case, inline, grad)
     kernel, kernel_imports = _kernel_section(case, target)
     check, constants, check_imports = _check_section(case, failure, target in _SDPA)
     std = {"import argparse", "import math", "import platform", "import sys", *check_imports,
@@ -902,9 +1136,13 @@ def script_text(case: Case, target: str, failure: dict, *, device: str, meta: di
     third = {"import torch", *(i for i in input_imports if i.startswith("import numpy")), *kernel_imports}
     imports = "\n".join(_sorted_imports(std)) + "\n\n" + "\n".join(_sorted_imports(third))
     data = _join("# -- data --", data) if data else ""
+    names = _input_names(grad)
     at = failure["at"]
-    at_note = ("no single failing element" if at is None else
-               "failing output element (b, h, i, d)" if len(at) == 4 else "failing output row (b, h, i)")
+    if grad and at is not None:
+        at_note = f"failing element of {failure['gradient']} {_GRADIENTS[failure['gradient']][1]}"
+    else:
+        at_note = ("no single failing element" if at is None else
+                   "failing output element (b, h, i, d)" if len(at) == 4 else "failing output row (b, h, i)")
     constants = "\n".join([
         f"DEVICE = {_str_literal(device, 9)}  # where it was found; --device overrides it",
         f"CASE = {_str_literal(describe_case(case), 0)}",
@@ -917,9 +1155,9 @@ def script_text(case: Case, target: str, failure: dict, *, device: str, meta: di
         constants=constants,
         inputs=_join(_LAYOUTS[case.layout], inputs),
         kernel=_join(kernel),
-        reference=_join(_REFERENCE),
+        reference=_join(_REFERENCE, _REFERENCE_GRADIENTS if grad else ""),
         check=_join(check),
-        main=_join(_MAIN),
+        main=_join(Template(_MAIN).substitute(names=names, dumped=", ".join(f"{n}={n}" for n in names.split(", ")))),
         data=("\n\n\n" + data) if data else "",
     )
     text = _SECTION_RULE.sub(_rule, text)
@@ -932,8 +1170,8 @@ def _sorted_imports(lines) -> list[str]:
     return sorted(lines, key=lambda line: (line.startswith("from "), line.split()[1].lower(), line))
 
 
-def _num_elements(case: Case) -> int:
-    n = case.q.size + case.k.size + case.v.size
+def _num_elements(case: Case, grad: bool) -> int:
+    n = sum(arr.size for _, arr in _tensors(case, grad))
     return n + (case.attn_mask.size if case.attn_mask is not None else 0)
 
 
@@ -951,15 +1189,20 @@ def write_repro(directory, case: Case, target: str, failure: dict, *, device: st
     ``failure``: ``class`` (one of `FAILURE_CLASSES`), ``reason``,
     ``signature``, ``at`` ((b, h, i, d) or None; nan-dropped and nan-leak
     also take a row (b, h, i)), ``allowed`` (the bound at ``at``, required for
-    "wrong"), ``model`` (its precision model), ``features`` (short strings).
+    "wrong"), ``allowed_max`` (the largest bound anywhere; ``allowed`` when
+    absent), ``model`` (its precision model), ``features`` (short strings).
+    A gradient failure (grad-wrong, grad-non-finite, grad-raised) needs
+    ``case.do``, the output gradient; grad-wrong and grad-non-finite also
+    ``gradient`` ("dq", "dk" or "dv") and ``at``, the failing element of that
+    gradient ((b, kv_head, j, d) for dk and dv); grad-wrong also ``allowed``
+    (and ``allowed_max``, the largest finite bound over that gradient).
     ``device``: where the failure was found (the script's default device).
     ``meta``: where it was found (torch, GPU, ...), shown as "found on".
     Raises ValueError naming what is wrong with the arguments.
     """
-    inline = None
-    if isinstance(case, Case):
-        inline = _num_elements(case) <= INLINE_LIMIT
-    text = script_text(case, target, failure, device=device, meta=meta, inline=inline)
+    text = script_text(case, target, failure, device=device, meta=meta)  # validates the arguments
+    grad = failure["class"] in _GRAD_CLASSES
+    inline = _num_elements(case, grad) <= INLINE_LIMIT
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     case.save(directory / "case.npz")
@@ -967,7 +1210,7 @@ def write_repro(directory, case: Case, target: str, failure: dict, *, device: st
     if inline:
         npz.unlink(missing_ok=True)  # a stale one from an earlier write
     else:
-        np.savez_compressed(npz, **_npz_arrays(case))
+        np.savez_compressed(npz, **_npz_arrays(case, grad))
     script = directory / "repro.py"
     script.write_text(text, encoding="utf-8")
     return script
