@@ -436,6 +436,134 @@ def test_gradients_match_autograd_and_mpmath(setup):
         np.testing.assert_allclose(a, t.grad.numpy(), rtol=0, atol=1e-12 * (np.abs(a).max() + 1))
 
 
+def naive_mp_grads(q, k, v, do, *, scale, allowed=None, add=None, prec=300):
+    """Textbook attention gradients in mpmath (fdot / fsum) at ``prec`` bits,
+    dK and dV summed over the query heads of each kv group."""
+    q, k, v, do = (np.asarray(x, dtype=np.float64) for x in (q, k, v, do))
+    B, H, Nq, D = q.shape
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    G = H // Hkv
+    allowed = np.broadcast_to(True if allowed is None else allowed, (B, H, Nq, Nk))
+    add = np.broadcast_to(0.0 if add is None else add, (B, H, Nq, Nk))
+    dq = np.empty((B, H, Nq, D), dtype=object)
+    dk = np.empty((B, Hkv, Nk, D), dtype=object)
+    dv = np.empty((B, Hkv, Nk, Dv), dtype=object)
+    with mpmath.workprec(prec):
+        dk[...], dv[...] = mpmath.mpf(0), mpmath.mpf(0)
+        sc = mpmath.mpf(scale)
+        for b in range(B):
+            for h in range(H):
+                kk, vv, dd = k[b, h // G].tolist(), v[b, h // G].tolist(), do[b, h].tolist()
+                for i in range(Nq):
+                    js = [j for j in range(Nk) if allowed[b, h, i, j]]
+                    s = {j: sc * mpmath.fdot(q[b, h, i].tolist(), kk[j]) + float(add[b, h, i, j]) for j in js}
+                    m = max(s.values(), default=0)
+                    e = {j: mpmath.exp(s[j] - m) for j in js}
+                    ell = mpmath.fsum(e.values())
+                    p = {j: e[j] / ell for j in js}
+                    o = [mpmath.fsum(p[j] * vv[j][c] for j in js) for c in range(Dv)]
+                    delta = mpmath.fdot(dd[i], o)
+                    ds = {j: p[j] * (mpmath.fdot(dd[i], vv[j]) - delta) for j in js}
+                    for c in range(D):
+                        dq[b, h, i, c] = sc * mpmath.fsum(ds[j] * kk[j][c] for j in js)
+                    for j in js:
+                        for c in range(D):
+                            dk[b, h // G, j, c] += sc * ds[j] * float(q[b, h, i, c])
+                        for c in range(Dv):
+                            dv[b, h // G, j, c] += p[j] * dd[i][c]
+    return dq, dk, dv
+
+
+def gradient_cases():
+    rng = np.random.default_rng(RNG_SEED)
+    cases = {}
+    # V nearly constant (1e3 + 1e-3 noise), dO in nearly opposite column pairs
+    # (+-1e3, off by ~1): D = rowsum(dO o O) and dP = dO V^T are sums of
+    # terms ~1e6 that cancel to ~1e3, and X = dP - D cancels again to ~10.
+    r = rng.standard_normal((1, 1, 6, 3)) * 1e3
+    do = np.empty((1, 1, 6, 6))
+    do[..., 0::2], do[..., 1::2] = r, -r + rng.standard_normal(r.shape)
+    cases["cancellation"] = dict(q=rand((1, 1, 6, 4), np.float32, seed=31), k=rand((1, 1, 8, 4), np.float32, seed=32),
+                                 v=(1e3 + rng.standard_normal((1, 1, 8, 6)) * 1e-3).astype(np.float32),
+                                 dout=do.astype(np.float32))
+    # Nq != Nk (gamma of both sums), causal, GQA: dK and dV summed over groups
+    cases["gqa_causal_rect"] = dict(q=rand((1, 4, 5, 4), seed=33), k=rand((1, 2, 9, 4), seed=34),
+                                    v=rand((1, 2, 9, 3), seed=35), dout=rand((1, 4, 5, 3), seed=36),
+                                    is_causal=True, enable_gqa=True)
+    # every row from the multiple-precision path (its P, pi, tau feed the float backward)
+    cases["mp_rows"] = dict(q=rand((1, 1, 4, 4), seed=37), k=rand((1, 1, 6, 4), seed=38),
+                            v=rand((1, 1, 6, 4), seed=39), dout=rand((1, 1, 4, 4), seed=40),
+                            attn_mask=(rng.standard_normal((4, 6)) * 3).astype(np.float16),
+                            rtol_target=2.0**-50)
+    # logits ~1e4 with one dominant key, and a fully masked row
+    mask = np.ones((1, 1, 5, 7), bool)
+    mask[0, 0, 3] = False
+    cases["peaked_masked"] = dict(q=rand((1, 1, 5, 8), np.float32, scale=40, seed=41),
+                                  k=rand((1, 1, 7, 8), np.float32, scale=40, seed=42),
+                                  v=rand((1, 1, 7, 4), np.float32, seed=43),
+                                  dout=rand((1, 1, 5, 4), np.float32, seed=44), attn_mask=mask)
+    return cases
+
+
+@pytest.mark.parametrize("name", sorted(gradient_cases()))
+def test_gradient_bounds_against_plain_mpmath(name):
+    """The float64 gradients lie within their bounds of a textbook evaluation
+    at 300 bits, also where dP, D and dP - D cancel."""
+    args = dict(gradient_cases()[name])
+    r = oracle.attention(**args)
+    q, k, v, do = args.pop("q"), args.pop("k"), args.pop("v"), args.pop("dout")
+    Nq, Nk, D = q.shape[2], k.shape[2], q.shape[3]
+    allowed = add = None
+    if args.get("is_causal"):
+        allowed = np.tri(Nq, Nk, dtype=bool)
+    elif "attn_mask" in args:
+        m = args["attn_mask"]
+        allowed = m if m.dtype == bool else None
+        add = None if m.dtype == bool else m.astype(np.float64)
+    if name == "mp_rows":
+        assert r.mp_rows == Nq
+    refs = naive_mp_grads(q, k, v, do, scale=1 / math.sqrt(D), allowed=allowed, add=add)
+    with mpmath.workprec(300):
+        for got, bound, ref in zip((r.dq, r.dk, r.dv), (r.dq_err_bound, r.dk_err_bound, r.dv_err_bound), refs):
+            diff = np.vectorize(lambda a, b: float(abs(mpmath.mpf(float(a)) - b)))(got, ref)
+            assert (diff <= bound + 1e-290).all(), (diff - bound).max()
+            assert (bound <= 1e-6 * (np.abs(got).max() + 1)).all()  # and not vacuous
+
+
+@pytest.mark.parametrize("name", sorted(gradient_cases()))
+def test_fast_gradient_bound_not_below_textbook_form(name):
+    """The float64 gradient bound (`_float_grads`, rearranged for speed) is
+    never below the same bound in its textbook form (`_backward`, which mode
+    "mpmath" evaluates), up to the rounding of evaluating either."""
+    args = dict(gradient_cases()[name])
+    rtol = args.pop("rtol_target", oracle.DEFAULT_RTOL_TARGET)
+    pr = oracle._prepare(args.pop("q"), args.pop("k"), args.pop("v"), args.get("attn_mask"),
+                         args.get("is_causal", False), None, args.get("enable_gqa", False), args.pop("dout"))
+    res = oracle._float_forward(pr, False, need_p=True)
+    rows = [tuple(int(x) for x in r) for r in np.argwhere(~oracle._certified_rows(res, rtol))]
+    oracle._fill_mp_rows(pr, res, rows, 128)
+    fast = oracle._float_grads(pr, res)
+    ref = oracle._backward(res["p"], res["out"], pr.dout, pr.q, pr.k, pr.v, pr.scale, res["pi"], res["tau"],
+                           res["err"], oracle.U, pr.groups, np.asarray)
+    for f, r, fb, rb in zip(fast[:3], ref[:3], fast[3:], ref[3:]):
+        assert (np.abs(f - r) <= fb).all()  # other rounding orders (cancellation shows them)
+        assert (fb >= rb * (1 - 1e-12)).all()
+        # and no looser, but for the tau terms (tiny: e^-700 over the row sum)
+        assert (fb <= rb * (1 + 1e-12) + 1e-280).all()
+
+
+def test_plain_attention_grad_matches_autograd():
+    from flashcheck.verify.bench import plain_attention_grad
+
+    q, k, v, do = (rand((1, 2, 6, 5), np.float64, seed=s) for s in (1, 2, 3, 4))
+    out, dq, dk, dv = plain_attention_grad(q, k, v, do, 0.3)
+    tq, tk, tv = (torch.from_numpy(x).requires_grad_() for x in (q, k, v))
+    ref = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, scale=0.3)
+    ref.backward(torch.from_numpy(do))
+    for got, want in ((out, ref), (dq, tq.grad), (dk, tk.grad), (dv, tv.grad)):
+        np.testing.assert_allclose(got, want.detach().numpy(), rtol=0, atol=1e-13)
+
+
 # -- command line -------------------------------------------------------------
 
 def test_cli_bench_oracle_and_usage_errors(tmp_path, capsys):
@@ -454,6 +582,22 @@ def test_cli_bench_oracle_and_usage_errors(tmp_path, capsys):
     assert main(["bench", "oracle", "--size", "12"]) == 2
     assert main(["bench", "oracle", "--repeat", "0"]) == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_cli_bench_oracle_grad(tmp_path, capsys):
+    import json
+
+    from flashcheck.verify.cli import main
+
+    path = tmp_path / "grad.json"
+    assert main(["bench", "oracle", "--grad", "--size", "24x8", "--repeat", "1", "--json", str(path)]) == 0
+    (row,) = json.loads(path.read_text())
+    assert (row["N"], row["D"], row["mp_rows"]) == (24, 8, 0) and row["certified"]
+    assert row["plain_grad_s"] > 0 and row["grad_over_plain"] == row["oracle_grad_s"] / row["plain_grad_s"]
+    assert 0 < row["max_rel_grad_bound"] < 1e-9
+    assert "grad/plain" in capsys.readouterr().out
+    assert main(["bench", "oracle", "--grad", "--mp-budget", "5"]) == 2
+    assert "forward bench only" in capsys.readouterr().err
 
 
 def test_bench_registry_rejects_duplicates():

@@ -29,7 +29,8 @@ import numpy as np
 
 from flashcheck.kernels import bench_kernel
 
-__all__ = ["BENCHES", "bench_oracle", "oracle_timings", "plain_attention", "register_bench"]
+__all__ = ["BENCHES", "bench_oracle", "oracle_grad_timings", "oracle_timings", "plain_attention",
+           "plain_attention_grad", "register_bench"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ def register_bench(name: str, help: str):
 # oracle benchmark
 
 DEFAULT_SIZES = ((256, 64), (1024, 128), (2048, 128))
+GRAD_DEFAULT_SIZE = (2048, 128)
 
 
 def plain_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.ndarray:
@@ -75,6 +77,31 @@ def plain_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -
     return s @ v
 
 
+def plain_attention_grad(q: np.ndarray, k: np.ndarray, v: np.ndarray, do: np.ndarray,
+                         scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Textbook float64 forward and backward (no bound): O, dQ, dK, dV, the
+    baseline of the certified gradients (whose call includes its forward).
+
+    P = softmax(scale Q K^T), O = P V, dV = P^T dO, dP = dO V^T,
+    dS = P o (dP - rowsum(dO o O)), dQ = scale dS K, dK = scale dS^T Q.
+    """
+    p = q @ k.swapaxes(-1, -2)
+    p *= scale
+    p -= p.max(axis=-1, keepdims=True)
+    np.exp(p, out=p)
+    p /= p.sum(axis=-1, keepdims=True)
+    out = p @ v
+    dv = p.swapaxes(-1, -2) @ do
+    ds = do @ v.swapaxes(-1, -2)  # dP, then dS in place
+    ds -= np.einsum("...ic,...ic->...i", do, out)[..., None]
+    ds *= p
+    dq = ds @ k
+    dq *= scale
+    dk = ds.swapaxes(-1, -2) @ q
+    dk *= scale
+    return out, dq, dk, dv
+
+
 def _best_time(fn, repeat: int, min_total_s: float = 0.5) -> float:
     """Best of at least ``repeat`` calls, and of as many more as fit in
     ``min_total_s`` (at most 100): the machine may be shared, and short
@@ -85,6 +112,23 @@ def _best_time(fn, repeat: int, min_total_s: float = 0.5) -> float:
         fn()
         dt = time.perf_counter() - t0
         best, spent, n = min(best, dt), spent + dt, n + 1
+    return best
+
+
+def _best_times_interleaved(fns, repeat: int, min_total_s: float = 0.5) -> list[float]:
+    """Best time of each of ``fns``, called in turn (a, b, a, b, ...) at
+    least ``repeat`` times each and until ``min_total_s`` has passed (at most
+    100 rounds): interleaving exposes both to the same load on a shared
+    machine, which matters for their ratio."""
+    best = [math.inf] * len(fns)
+    spent, n = 0.0, 0
+    while n < repeat or (spent < min_total_s and n < 100):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t0
+            best[i], spent = min(best[i], dt), spent + dt
+        n += 1
     return best
 
 
@@ -146,6 +190,57 @@ def oracle_timings(N: int, D: int, *, repeat: int = 3, mp_budget_s: float = 60.0
     return out
 
 
+def oracle_grad_timings(N: int, D: int, *, repeat: int = 3, seed: int = 0, log=None) -> dict:
+    """Times of the plain float64 forward and backward (`plain_attention_grad`
+    on float64 copies of the inputs) and of the certified gradients
+    (``oracle.attention(q, k, v, dout=do)`` on the fp16 inputs: input
+    checks and conversion, forward, escalation of uncertified rows, the
+    gradients and their bounds) on one head of standard-normal fp16 inputs
+    of shape (1, 1, N, D), dO included. Both are timed in turn in one loop.
+    """
+    from flashcheck.verify import oracle
+
+    for name, value in (("N", N), ("D", D), ("repeat", repeat)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    rng = np.random.default_rng(seed)
+    q, k, v, do = (rng.standard_normal((1, 1, N, D)).astype(np.float16) for _ in range(4))
+    q64, k64, v64, do64 = (x.astype(np.float64) for x in (q, k, v, do))
+    scale = 1.0 / math.sqrt(D)
+    result = {}
+
+    def run_plain():
+        plain_attention_grad(q64, k64, v64, do64, scale)
+
+    def run_oracle():
+        result["r"] = oracle.attention(q, k, v, dout=do)
+
+    run_plain()  # warm up BLAS threads and the allocator
+    run_oracle()
+    t_plain, t_grad = _best_times_interleaved([run_plain, run_oracle], repeat)
+    r = result["r"]
+    rel = max(float(e.max() / max(np.abs(g).max(), 1e-300))
+              for g, e in ((r.dq, r.dq_err_bound), (r.dk, r.dk_err_bound), (r.dv, r.dv_err_bound)))
+    out = {
+        "N": N, "D": D, "dtype": "fp16", "plain_grad_s": t_plain, "oracle_grad_s": t_grad,
+        "grad_over_plain": t_grad / t_plain, "mp_rows": r.mp_rows, "certified": r.certified,
+        "max_rel_grad_bound": rel,
+    }
+    if log:
+        log(_format_grad_row(out))
+    return out
+
+
+_GRAD_HEADER = (f"{'N':>5} {'D':>4} {'plain f64 fwd+bwd':>17} {'oracle grad':>11} {'grad/plain':>10} "
+                f"{'mp_rows':>7} {'certified':>9}  max grad bound / max |grad|")
+
+
+def _format_grad_row(t: dict) -> str:
+    return (f"{t['N']:>5} {t['D']:>4} {t['plain_grad_s'] * 1e3:>15.1f}ms {t['oracle_grad_s'] * 1e3:>9.1f}ms "
+            f"{t['grad_over_plain']:>10.2f} {t['mp_rows']:>7} {str(t['certified']):>9}  "
+            f"{t['max_rel_grad_bound']:.2e}")
+
+
 _HEADER = (f"{'N':>5} {'D':>4} {'plain f64':>10} {'auto':>10} {'mpmath':>12} {'auto/plain':>10} "
            f"{'mp/plain':>10} {'mp_rows':>7} {'certified':>9}  max bound/scale")
 
@@ -167,35 +262,49 @@ def _size(text: str) -> tuple[int, int]:
     return n, d
 
 
-@register_bench("oracle", "cost of the certified oracle next to plain float64 and mpmath")
+@register_bench("oracle", "cost of the certified oracle next to plain float64 and mpmath (--grad: gradients)")
 def bench_oracle(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m flashcheck bench oracle",
         description="Time the certified oracle (mode auto), plain float64 NumPy attention and the "
-                    "all-mpmath oracle on one head of standard-normal fp16 inputs.")
+                    "all-mpmath oracle on one head of standard-normal fp16 inputs; with --grad, the "
+                    "certified gradients (oracle with dout=) against a plain float64 NumPy forward "
+                    "and backward.")
+    parser.add_argument("--grad", action="store_true",
+                        help="time the certified gradients instead (default size 2048x128)")
     parser.add_argument("--size", type=_size, action="append", metavar="NxD",
-                        help="problem size (repeatable); default 256x64, 1024x128, 2048x128")
+                        help="problem size (repeatable); default 256x64, 1024x128, 2048x128 "
+                             "(with --grad: 2048x128)")
     parser.add_argument("--repeat", type=int, default=3, help="timing repeats, best kept (default 3)")
-    parser.add_argument("--mp-budget", type=float, default=60.0, metavar="SECONDS",
-                        help="time all mpmath rows only below this estimate, else extrapolate (default 60)")
+    parser.add_argument("--mp-budget", type=float, metavar="SECONDS",
+                        help="time all mpmath rows only below this estimate, else extrapolate (default 60; "
+                             "not with --grad)")
     parser.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
-    if not args.mp_budget > 0:
+    if args.grad and args.mp_budget is not None:
+        parser.error("--mp-budget applies to the forward bench only (--grad times no all-mpmath run)")
+    mp_budget = 60.0 if args.mp_budget is None else args.mp_budget
+    if not mp_budget > 0:
         parser.error("--mp-budget must be positive")
-    sizes = args.size or list(DEFAULT_SIZES)
+    sizes = args.size or ([GRAD_DEFAULT_SIZE] if args.grad else list(DEFAULT_SIZES))
     threads = os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS") or "default"
+    timed = ("plain and oracle grad: best of >= --repeat runs each, interleaved (and >= 0.5 s of runs)"
+             if args.grad else "plain and auto: best of >= --repeat runs (and >= 0.5 s of runs)")
     print(f"numpy {np.__version__}, python {platform.python_version()}, {platform.machine()}, "
-          f"{os.cpu_count()} CPUs, BLAS threads: {threads}; plain and auto: best of >= --repeat runs "
-          "(and >= 0.5 s of runs); all measured in this run")
-    print(_HEADER)
-    rows = [oracle_timings(n, d, repeat=args.repeat, mp_budget_s=args.mp_budget, log=print) for n, d in sizes]
-    if any(r["mpmath_extrapolated"] for r in rows):
-        print("* mpmath timed on a random subset of rows (shown below) and extrapolated linearly to all rows:")
-        for r in rows:
-            if r["mpmath_extrapolated"]:
-                print(f"  {r['N']}x{r['D']}: {r['mpmath_rows_timed']} of {r['N']} rows timed")
+          f"{os.cpu_count()} CPUs, BLAS threads: {threads}; {timed}; all measured in this run")
+    if args.grad:
+        print(_GRAD_HEADER)
+        rows = [oracle_grad_timings(n, d, repeat=args.repeat, log=print) for n, d in sizes]
+    else:
+        print(_HEADER)
+        rows = [oracle_timings(n, d, repeat=args.repeat, mp_budget_s=mp_budget, log=print) for n, d in sizes]
+        if any(r["mpmath_extrapolated"] for r in rows):
+            print("* mpmath timed on a random subset of rows (shown below) and extrapolated linearly to all rows:")
+            for r in rows:
+                if r["mpmath_extrapolated"]:
+                    print(f"  {r['N']}x{r['D']}: {r['mpmath_rows_timed']} of {r['N']} rows timed")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=2)

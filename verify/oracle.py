@@ -295,8 +295,8 @@ def _float_forward(pr: _Problem, keep: bool, need_p: bool) -> dict:
             sigma = sig.max(axis=-1, keepdims=True)
         e = np.exp(s, out=s)
         ell = e.sum(axis=-1, keepdims=True)
-        y = np.matmul(e, v)
-        mabs = np.matmul(e, np.abs(v))
+        ym = np.matmul(e, np.concatenate([v, np.abs(v)], axis=-1))  # E V and E |V| in one product
+        y, mabs = ym[..., :Dv], ym[..., Dv:]
         ell_safe = np.where(empty, 1.0, ell)
         out = y / ell_safe
         row_scale = mabs / ell_safe
@@ -320,7 +320,7 @@ def _float_forward(pr: _Problem, keep: bool, need_p: bool) -> dict:
             "row_scale": np.where(empty, 0.0, row_scale), "bad": (bad & ~empty)[..., 0],
         }
         if keep or need_p:
-            res["p"] = e / ell_safe
+            res["p"] = np.divide(e, ell_safe, out=e)  # e is a scratch buffer (not s_keep)
             res["pi"] = np.where(empty, 0.0, 1.01 * (kappa + F + gK + U))[..., 0]
             res["tau"] = np.where(empty, 0.0, 1.02 * tau_abs / ell_safe)[..., 0]
         if keep:
@@ -368,11 +368,23 @@ def _fill_mp_rows(pr: _Problem, res: dict, rows, prec: int, want_mp: bool = Fals
 # gradients
 
 
+def _group_sum(x, ex, groups, u, f):
+    """Sum dK or dV (B, H, N, D) and its bound ``ex`` over the query heads
+    of each kv group; the sum adds gamma_G sum |.| (``f`` gives |.| as float)."""
+    if groups == 1:
+        return x, ex
+    B, H = x.shape[:2]
+    xs = x.reshape(B, H // groups, groups, *x.shape[2:])
+    bound = ex.reshape(xs.shape).sum(axis=2) + gamma(groups, u) * f(xs).sum(axis=2)
+    return xs.sum(axis=2), bound
+
+
 def _backward(P, O, dO, Q, K, V, scale, pi, tau, E, u, groups, to_float):
-    """dQ, dK, dV and their bounds; the arrays may be float64 or object
-    arrays of mpf (then every operation rounds with unit roundoff ``u``).
+    """dQ, dK, dV and their bounds, written for object arrays of mpf (mode
+    "mpmath": every operation rounds with unit roundoff ``u``); it also runs
+    on float64, where `_float_grads` is the same bound, rearranged to be fast.
     |P_hat - P| <= pi p_hat + tau rowwise; |O_hat - O| <= E."""
-    B, H, Nq, Nk = P.shape
+    Nq, Nk = P.shape[2:]
     Dv = V.shape[3]
 
     def t(x):
@@ -402,26 +414,85 @@ def _backward(P, O, dO, Q, K, V, scale, pi, tau, E, u, groups, to_float):
         eds = (pi_ * pf + tau_) * Xf + (pf * (1 + pi_) + tau_) * ex + u * dSf
         edq = abs(scale) * ((eds + gk * dSf) @ Kf) + 2 * u * f(dQ)
         edk = abs(scale) * (t(eds + gq * dSf) @ Qf) + 2 * u * f(dK)
-    Hkv = H // groups
-
-    def group_sum(x, ex_):
-        xs = x.reshape(B, Hkv, groups, *x.shape[2:])
-        total = xs.sum(axis=2)
-        if groups == 1:
-            return total, ex_
-        bound = ex_.reshape(B, Hkv, groups, *x.shape[2:]).sum(axis=2)
-        bound = bound + gamma(groups, u) * f(xs).sum(axis=2)
-        return total, bound
-
-    dK, edk = group_sum(dK, edk)
-    dV, edv = group_sum(dV, edv)
+    dK, edk = _group_sum(dK, edk, groups, u, f)
+    dV, edv = _group_sum(dV, edv, groups, u, f)
     return dQ, dK, dV, CERT_SAFETY * edq, CERT_SAFETY * edk, CERT_SAFETY * edv
 
 
 def _float_grads(pr, res):
-    ident = np.asarray
-    return _backward(res["p"], res["out"], pr.dout, pr.q, pr.k, pr.v, pr.scale,
-                     res["pi"], res["tau"], res["err"], U, pr.groups, ident)
+    """dQ, dK, dV in float64 and their bounds (docs/oracle.md, "Gradients").
+
+    The bound of `_backward` rearranged so that no N x N matrix beyond P is
+    formed except dP (then X = dP - D, then dS, then a |dS|, in place) and
+    one bound matrix T, and every bound is a product with magnitudes: the
+    error of dS, plus the rounding of dS K and dS^T Q, is at most T_ij =
+    a_i |dS_ij| + P_ij (alpha_i ||v_j|| + beta_i) + t_i, so that
+    err(dQ) = |scale| (T |K|) and err(dK) = |scale| (T^T |Q|).
+    """
+    P, O, E, dO = res["p"], res["out"], res["err"], pr.dout
+    Q, K, V, scale = pr.q, pr.k, pr.v, pr.scale
+    Nq, Nk = P.shape[2:]
+    Dv = V.shape[3]
+    pi, tau = res["pi"][..., None], res["tau"][..., None]
+    gq, gk, gd = gamma(Nq), gamma(Nk), gamma(Dv)
+    with np.errstate(over="ignore", invalid="ignore"):
+        adO = np.abs(dO)
+        # dV = P^T dO and sum_i (pi_i + gq) P_ij |dO_ic| in one product
+        w = np.matmul(P.swapaxes(-1, -2), np.concatenate([dO, (pi + gq) * adO], axis=-1))
+        dV = np.ascontiguousarray(w[..., :Dv])
+        edv = w[..., Dv:] + (tau * adO).sum(axis=-2, keepdims=True) + U * np.abs(dV)
+        delta = np.einsum("bhic,bhic->bhi", dO, O)[..., None]
+        # |fl(D) - D|: O's error and the rounding of the row dot product
+        ed = (np.einsum("bhic,bhic->bhi", adO, E) + 1.01 * gd * np.einsum("bhic,bhic->bhi", adO, np.abs(O)))[..., None]
+        don = np.sqrt(np.einsum("bhic,bhic->bhi", dO, dO))[..., None] * (1 + gamma(Dv + 2))
+        vn = np.sqrt(np.einsum("bhjc,bhjc->bhj", V, V))[..., None, :] * (1 + gamma(Dv + 2))
+        ds = np.matmul(dO, V.swapaxes(-1, -2))  # dP; |fl(dP) - dP| <= gd ||dO_i|| ||v_j||
+        ds -= delta  # X = dP - D
+        ds *= P  # dS
+        dQ = np.matmul(ds, K)
+        dQ *= scale
+        dK = np.matmul(ds.swapaxes(-1, -2), Q)
+        dK *= scale
+        # |dS^ - dS| <= (pi P + tau)|X^| + ((1 + pi) P + tau) ex with
+        # ex = gd ||dO_i|| ||v_j|| + ed_i + u|X^|, and P |X^| <= |dS^| (1 + u);
+        # with the u |dS^| of the product and gamma_N |dS^| of dS K (or
+        # dS^T Q) this is T: the |dS| terms collect into a, the P terms into
+        # alpha ||v_j|| + beta, the tau terms into t (with |X^_ij| <= xb_i).
+        g_lo, g_hi = min(gq, gk), max(gq, gk)
+        a = (1 + U) * pi + 2 * U + g_lo
+        alpha = (1 + pi) * gd * don
+        beta = (1 + pi) * ed
+        vmax = vn.max(axis=-1, keepdims=True)
+        xb = 1.01 * (don * vmax + np.abs(delta))
+        t = tau * ((1 + U) * xb + gd * don * vmax + ed)
+        T = np.multiply(alpha, vn)
+        T += beta
+        T *= P
+        np.abs(ds, out=ds)
+        ds *= a
+        T += ds
+        aK, aQ = np.abs(K), np.abs(Q)
+
+        def err_dq():
+            return abs(scale) * (np.matmul(T, aK) + t * aK.sum(axis=-2, keepdims=True)) + 2 * U * np.abs(dQ)
+
+        def err_dk():
+            return abs(scale) * (np.matmul(T.swapaxes(-1, -2), aQ) + (t * aQ).sum(axis=-2, keepdims=True)) \
+                + 2 * U * np.abs(dK)
+
+        # T carries gamma of the shorter sum; the longer one (Nq != Nk) gets
+        # the difference before its product
+        first, second = (err_dq, err_dk) if gk <= gq else (err_dk, err_dq)
+        e1 = first()
+        if g_hi > g_lo:
+            ds *= (g_hi - g_lo) / a  # (g_hi - g_lo) |dS|
+            T += ds
+        del ds
+        e2 = second()
+        edq, edk = (e1, e2) if gk <= gq else (e2, e1)
+    dK, edk = _group_sum(dK, edk, pr.groups, U, np.abs)
+    dV, edv = _group_sum(dV, edv, pr.groups, U, np.abs)
+    return dQ, dK, dV, CERT_SAFETY * edq, CERT_SAFETY * edk, CERT_SAFETY * edv
 
 
 def _mp_grads(pr, res, prec):
