@@ -90,36 +90,64 @@ def _grads(name, case):
     return out, torch.autograd.grad(out, (q, k, v), do)
 
 
+def _bound(case, ref, out):
+    """The gradient bound of the case's default model around the target's
+    saved output; the LSE's error is the forward bound's, as for any
+    target that does not return its LSE."""
+    model = get_model(default_model_name(case.dtype), case.dtype)
+    return gradient_bound(ref, model, dout=case.do, out_target=to_float64(out), lse_target=None,
+                          attn_mask=case.attn_mask)
+
+
 @functools.cache
 def _reference(key):
-    """(case, oracle, bound, output) of a named case; every variant has the
+    """(case, oracle, bound, output) of a named case: every variant has the
     same (correct) forward, so one bound serves them all."""
     case = _case(**ALL_CASES[key])
     ref = oracle.attention_case(case, keep=True, with_grad=True)
     out, _ = _grads("correct_tiled", case)
-    model = get_model(default_model_name(case.dtype), case.dtype)
-    bound = gradient_bound(ref, model, dout=case.do, out_target=to_float64(out), lse_target=None,
-                           attn_mask=case.attn_mask)
-    return case, ref, bound, to_float64(out)
+    return case, ref, _bound(case, ref, out), to_float64(out)
 
 
-def _ratios(name, case, ref, bound, out_expected):
+# gradient_bound charges no underflow for the fp32 products summed into
+# each gradient (P dO, dS Q, dS K: up to half an fp32 subnormal spacing,
+# 2^-150, each), so a gradient in fp32's subnormal range can miss it whatever
+# the kernel does: an exact -7.07e-46 has no fp32 value within its dV bound
+# 1.6e-46. Generated cases reach that range (fp32, one-hot or all-negative
+# logits) and allow n * 2^-150 (n products per element) until the bound
+# charges it; the named cases get the bound alone.
+_PRODUCT_UNDERFLOW = 2.0**-150
+
+
+def _ratios(name, case, ref, bound=None, out_expected=None, underflow=False):
     """max |g - exact| / (bound + oracle error) per gradient, over the
     elements where the model applies (inf for a non-finite gradient there)."""
     out, grads = _grads(name, case)
-    assert np.array_equal(to_float64(out), out_expected), "every variant's forward is the correct one"
+    if out_expected is not None:
+        assert np.array_equal(to_float64(out), out_expected), "every variant's forward is the correct one"
+    bound = bound or _bound(case, ref, out)
+    H, Nq, Hkv, Nk = case.q.shape[1], case.q.shape[2], case.k.shape[1], case.k.shape[2]
+    products = {"dq": Nk, "dk": H // Hkv * Nq, "dv": H // Hkv * Nq}
     ratios = {}
     for label, g in zip(("dq", "dk", "dv"), grads):
         g, exact = to_float64(g), getattr(ref, label)
         allowed = getattr(bound, label) + getattr(ref, label + "_err_bound")
+        if underflow:
+            allowed = allowed + products[label] * _PRODUCT_UNDERFLOW
         assert g.shape == exact.shape
         fin = np.isfinite(allowed)
-        assert fin.mean() > 0.5, f"{label}: the model should apply to these cases"
         err = np.abs(g[fin] - exact[fin])
         with np.errstate(divide="ignore", invalid="ignore"):
             r = np.where(np.isnan(err), np.inf, err / allowed[fin])
         ratios[label] = float(np.max(r, initial=0.0))
     return ratios
+
+
+def _named_ratios(name, key):
+    case, ref, bound, out = _reference(key)
+    for label in ("dq", "dk", "dv"):
+        assert np.isfinite(getattr(bound, label)).all(), f"{key}: the model must apply to the whole case"
+    return _ratios(name, case, ref, bound, out)
 
 
 def test_catalogue():
@@ -132,7 +160,7 @@ def test_catalogue():
 @pytest.mark.parametrize("key", sorted(BUG_CASES) + sorted(EXTRA_BUG))
 def test_broken_backward_exceeds_bound(key):
     bug = EXTRA_BUG.get(key, key)
-    ratios = _ratios(bug, *_reference(key))
+    ratios = _named_ratios(bug, key)
     assert max(ratios.values()) > 1, f"{bug} ({pb.BROKEN_BACKWARD[bug]}) passed: {ratios}"
     spec = ALL_CASES[key]
     multi = spec.get("Nq", 24) > pb.BLOCK_M or spec.get("Nk", 40) > pb.BLOCK_N
@@ -142,7 +170,7 @@ def test_broken_backward_exceeds_bound(key):
 @pytest.mark.parametrize("name", pb.CORRECT_BACKWARD)
 def test_correct_backward_within_bound_on_bug_cases(name):
     for key in ALL_CASES:
-        ratios = _ratios(name, *_reference(key))
+        ratios = _named_ratios(name, key)
         assert max(ratios.values()) <= 1, (key, ratios)
 
 
@@ -151,20 +179,8 @@ def test_correct_backward_within_bound_on_bug_cases(name):
 @settings(max_examples=20, derandomize=True, database=None, deadline=None,
           suppress_health_check=list(HealthCheck))
 def test_correct_backward_within_bound_on_generated_cases(name, case):
-    _assert_within_bound(name, case)
-
-
-def _assert_within_bound(name, case):
-    ref = oracle.attention_case(case, keep=True, with_grad=True)
-    out, grads = _grads(name, case)
-    model = get_model(default_model_name(case.dtype), case.dtype)
-    bound = gradient_bound(ref, model, dout=case.do, out_target=to_float64(out), attn_mask=case.attn_mask)
-    for label, g in zip(("dq", "dk", "dv"), grads):
-        allowed = getattr(bound, label) + getattr(ref, label + "_err_bound")
-        fin = np.isfinite(allowed)
-        g, exact = to_float64(g)[fin], getattr(ref, label)[fin]
-        assert np.isfinite(g).all(), (label, case.describe())
-        assert (np.abs(g - exact) <= allowed[fin]).all(), (label, case.describe())
+    ratios = _ratios(name, case, oracle.attention_case(case, keep=True, with_grad=True), underflow=True)
+    assert max(ratios.values()) <= 1, (ratios, case.describe())
 
 
 SINGLE_TILE = {
@@ -247,8 +263,10 @@ def test_correct_backward_within_bound_on_campaign_cases():
     mags = tuple(m for m in MAGNITUDES if m != "nan-inf")
     dealer = PlanDealer(feature_values(magnitudes=mags), seed=0)
     rng = np.random.default_rng(0)
-    for _ in range(16):
+    for _ in range(12):
         raw = [int(x) for x in rng.integers(0, CHOICE_MAX + 1, N_CHOICES)]
-        case = case_from_plan(dealer.deal(), raw, max_scores=2**14, with_grad=True)
+        case = case_from_plan(dealer.deal(), raw, max_scores=2**13, with_grad=True)
+        ref = oracle.attention_case(case, keep=True, with_grad=True)
         for name in pb.CORRECT_BACKWARD:
-            _assert_within_bound(name, case)
+            ratios = _ratios(name, case, ref, underflow=True)
+            assert max(ratios.values()) <= 1, (name, ratios, case.describe())
