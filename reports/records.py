@@ -52,6 +52,7 @@ TEXT_FIELDS = frozenset({
     "case_id", "target", "model", "verdict", "reason", "dtype", "layout",
     "magnitude", "mask_kind", "mask_dtype", "m_dtype", "m_rel_floor", "m_traceback",
     "device", "failure_class", "symptom", "trigger", "signature", "known",
+    "grad_verdict", "grad_reason", "do", "gradient",
 })
 
 _NONFINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
