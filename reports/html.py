@@ -125,7 +125,8 @@ def _png(fig) -> str:
 
 def _plot_range(ratios) -> tuple[float, float]:
     """Log-axis limits: positive finite ratios widened, always around 1."""
-    finite = [r for r in ratios if 0 < r < math.inf]
+    # Clipped to [1e-30, 1e30]: further out is off the chart (and matplotlib overflows near float64's ends).
+    finite = [min(max(r, 1e-30), 1e30) for r in ratios if 0 < r < math.inf]
     lo = min(finite + [1.0]) / 10
     hi = max(finite + [1.0]) * 10
     return lo, hi

@@ -257,3 +257,12 @@ def test_do_kinds_need_grad_and_are_validated():
         CampaignConfig(targets=["numpy-tiled"], do_kinds=("normal",))
     with pytest.raises(ConfigError, match="unknown output-gradient class"):
         CampaignConfig(targets=["numpy-tiled"], grad=True, do_kinds=("big",))
+
+
+def test_report_plots_survive_extreme_ratios(tmp_path):
+    from flashcheck.reports.html import render_html
+
+    rows = [{"case_id": "a", "target": "t", "dtype": "fp16", "verdict": "fail", "ratio": 1e308, "Nk": 5,
+             "grad_verdict": "fail", "dq_ratio": 1e308, "dk_ratio": 0.5, "dv_ratio": 1e-320},
+            {"case_id": "b", "target": "t", "dtype": "fp16", "verdict": "pass", "ratio": 1e-320, "Nk": 9}]
+    assert "<h2>Gradients</h2>" in render_html(rows)
