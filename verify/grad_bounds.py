@@ -211,12 +211,16 @@ def gradient_bound(ref, model: PrecisionModel, *, dout, out_target=None, lse_tar
     pt = np.swapaxes(e_ph, -1, -2)
     e_dv = _group_sum(pt @ absdo + np.swapaxes(ph_up, -1, -2) @ e_do, Hkv)
     e_dv = e_dv + gamma(n_v, u_acc) * _group_sum(np.swapaxes(ph_up, -1, -2) @ do_up, Hkv)
+    # Products that fall in fp32's subnormal range are rounded absolutely (fp32
+    # models: nothing rounds dV afterwards to hide it; found with one-hot fp32 cases).
+    e_dv = e_dv + (1 + gamma(n_v, u_acc)) * acc_underflow(2 * n_v, model.pv_acc, model.acc_rounding)
     dv_up = np.abs(ref.dv) + e_dv
     e_dv = e_dv + u_in * dv_up + (eta_in if u_in else 0.0)
 
     # --- B5: dP = dO V^T, D = rowsum(dO O), X = dP - D ----------------------
     absv = np.abs(v)
-    e_dp = dot_error(absdo, np.swapaxes(absv, -1, -2), Dv, u_dot, tf)
+    e_dp = dot_error(absdo, np.swapaxes(absv, -1, -2), Dv, u_dot, tf) \
+        + (1 + gamma(Dv, u_dot)) * acc_underflow(2 * Dv, model.qk_acc, model.acc_rounding)
     e_d = (absdo * e_o).sum(-1) + gamma(Dv, u32) * (absdo * o_up).sum(-1) + Dv * eta32 * (1 + gamma(Dv, u32))
     dp = dO @ np.swapaxes(v, -1, -2)
     Dvec = (dO * O).sum(-1)
@@ -242,10 +246,12 @@ def gradient_bound(ref, model: PrecisionModel, *, dout, out_target=None, lse_tar
     dst = np.swapaxes(ds_up, -1, -2)
     n_k = n_v
     acc_k = _group_sum(np.swapaxes(e_ds, -1, -2) @ absq + dst @ e_q, Hkv)
-    acc_k = acc_k + gamma(n_k, u_acc) * _group_sum(dst @ (absq + e_q), Hkv)
+    acc_k = acc_k + gamma(n_k, u_acc) * _group_sum(dst @ (absq + e_q), Hkv) \
+        + (1 + gamma(n_k, u_acc)) * acc_underflow(2 * n_k, model.pv_acc, model.acc_rounding)
     e_dk = scale * post * acc_k + (post - 1) * np.abs(ref.dk) + eta32
     n_q = finite.sum(-1, keepdims=True).astype(np.float64)
-    acc_q = e_ds @ absk + ds_up @ e_k + gamma(n_q, u_acc) * (ds_up @ (absk + e_k))
+    acc_q = e_ds @ absk + ds_up @ e_k + gamma(n_q, u_acc) * (ds_up @ (absk + e_k)) \
+        + (1 + gamma(n_q, u_acc)) * acc_underflow(2 * n_q, model.pv_acc, model.acc_rounding)
     e_dq = scale * post * acc_q + (post - 1) * np.abs(ref.dq) + eta32
     e_dk = e_dk + u_in * (np.abs(ref.dk) + e_dk) + (eta_in if u_in else 0.0)
     e_dq = e_dq + u_in * (np.abs(ref.dq) + e_dq) + (eta_in if u_in else 0.0)
