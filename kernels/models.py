@@ -23,6 +23,14 @@ name           what it says
 ``fp32-tf32``  as ``fp32-ieee``, but both dot products take inputs rounded to
                tf32 (10 explicit mantissa bits), the default of Triton's
                ``tl.dot`` and of cuBLAS on NVIDIA GPUs for fp32.
+``math``       torch's math backend of ``scaled_dot_product_attention``
+               (fp16, bf16 or fp32 inputs): inputs upcast to fp32, q and k
+               each multiplied by fl32(sqrt(scale)), S, softmax and P V in
+               fp32 with P normalised per element and stored for the
+               backward (plain autograd: Delta = rowsum(dP * P)), results
+               cast to the input dtype (``softmax="stored"``,
+               ``scaling="sqrt-qk"``; exp is ATen's vectorised CPU exp,
+               `ATEN_CPU_EXP_REL_ERR`).
 =============  ===============================================================
 
 Suffix ``+gpu`` (e.g. ``fa2+gpu``) gives the GPU variant of any model: exp is
@@ -31,7 +39,9 @@ computed as exp2(x * log2 e) with the hardware's approximate ``ex2.approx.f32``
 (`DIV_APPROX_REL_ERR`) and the dot products accumulate on tensor cores,
 which align and truncate rather than round to nearest (Fasi, Higham,
 Mikaitis & Pranesh 2021, "Numerical behavior of NVIDIA tensor cores",
-PeerJ Comput. Sci. 7:e330).
+PeerJ Comput. Sci. 7:e330). ``math+gpu`` keeps the natural exp (ATen's CUDA
+softmax calls ``expf`` on the logits: `CUDA_EXPF_REL_ERR`) and takes the
+approximate division and truncating accumulation as the others do.
 
 `MODELS_FOR_DTYPE` says which names apply to which input dtype: the models
 the property tests and the sharpness script sweep. (``fa2`` and ``upcast``
@@ -49,6 +59,8 @@ from __future__ import annotations
 from flashcheck.kernels.precision import PrecisionModel, format_of
 
 __all__ = [
+    "ATEN_CPU_EXP_REL_ERR",
+    "CUDA_EXPF_REL_ERR",
     "DIV_APPROX_REL_ERR",
     "EX2_APPROX_REL_ERR",
     "GPU_SUFFIX",
@@ -95,19 +107,36 @@ TF32_CONVERSION_REL_ERR = 2.0**-10
 #: docs/error-bounds.md, "exp on the CPU path"; tests/test_triton_interpreter.py.
 INTERP_EXP2_REL_ERR = 4 * 2.0**-23
 
+#: exp in ATen's CPU softmax (the math backend's): the vectorised
+#: ``Vectorized<float>::exp``, SLEEF's ``expf8_u10`` / ``expf16_u10`` on AVX2 /
+#: AVX-512 hosts, documented within 1.0 ulp (other builds call the C
+#: library's expf, also within 1 ulp). As for the interpreter's exp2, the
+#: figure is taken beyond the rounding the bounds already charge, so 1 ulp
+#: <= 2**-23 |y| leaves the rounding's 2**-24 as margin. Measured on this
+#: project's AVX2 CPU (torch 2.13): 0.66 * 2**-23 at most over 10**6
+#: arguments with normal results. Subnormal results are absolute errors
+#: (0.59 of a subnormal spacing seen there), covered by the 2**-126 exp term
+#: the bounds charge whenever exp is approximate.
+ATEN_CPU_EXP_REL_ERR = 2.0**-23
+
+#: ``expf`` in CUDA device code, as ATen's CUDA softmax calls it (no fast
+#: math): 2 ulp maximum error over the full range (CUDA C++ Programming
+#: Guide, mathematical functions appendix), taken beyond the rounding.
+CUDA_EXPF_REL_ERR = 2.0**-22
+
 # -- the named models ---------------------------------------------------------
 
 #: The base model names (each may take `GPU_SUFFIX`).
-MODEL_NAMES = ("fa2", "upcast", "fp32-ieee", "fp32-tf32")
+MODEL_NAMES = ("fa2", "upcast", "fp32-ieee", "fp32-tf32", "math")
 GPU_SUFFIX = "+gpu"
 
 #: Input dtype -> every named model (with its GPU variant) that describes it.
 MODELS_FOR_DTYPE: dict[str, tuple[str, ...]] = {
     fmt: tuple(bases) + tuple(b + GPU_SUFFIX for b in bases)
     for fmt, bases in (
-        ("fp16", ("fa2", "upcast")),
-        ("bf16", ("fa2", "upcast")),
-        ("fp32", ("fp32-ieee", "fp32-tf32")),
+        ("fp16", ("fa2", "upcast", "math")),
+        ("bf16", ("fa2", "upcast", "math")),
+        ("fp32", ("fp32-ieee", "fp32-tf32", "math")),
     )
 }
 
@@ -151,10 +180,17 @@ def get_model(name: str, dtype) -> PrecisionModel:
         if fmt != "fp32":
             raise ValueError(f"model {base!r} is for fp32 inputs, not {fmt}")
         model = PrecisionModel(input="fp32", tf32=(base == "fp32-tf32"), name=base)
+    elif base == "math":
+        # Everything but the input and the output is an fp32 tensor after the upcast.
+        model = PrecisionModel(input=fmt, out=fmt, softmax="stored", scaling="sqrt-qk",
+                               exp_rel_err=ATEN_CPU_EXP_REL_ERR, name=base)
     else:
         raise ValueError(
             f"unknown precision model {name!r}; expected one of {MODEL_NAMES}, optionally with {GPU_SUFFIX!r}"
         )
+    if suffix and base == "math":
+        return model.replace(exp_rel_err=CUDA_EXPF_REL_ERR, acc_rounding="zero", div_rel_err=DIV_APPROX_REL_ERR,
+                             name=name)
     if suffix:
         model = model.replace(
             exp_impl="exp2", exp_rel_err=EX2_APPROX_REL_ERR, acc_rounding="zero",

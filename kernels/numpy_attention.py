@@ -50,7 +50,19 @@ the model names for that intermediate; ``fl_X`` below is
 4. End: out = fl_out(fl_pv_acc(o / l)), exactly 0 for a fully masked row;
    lse = fl32(m + fl32(log l)) (exp2 mode: fl32(fl32(m + fl32(log2 l)) *
    fl32(ln 2)), natural log), -inf for a fully masked row.
-5. Rows are independent, so ``block_m`` does not change any number; the
+5. ``model.softmax == "stored"`` (torch's math backend; ``scaling ==
+   "sqrt-qk"``): q and k are first multiplied by c = fl32(sqrt(scale)),
+   each product rounded to fp32, and S = q_c k_c^T accumulated as in 1 is
+   the logit (rounded to ``model.logits``), plus an additive mask rounded
+   once more. Then the whole row at once: m = max_j s_j,
+   e_j = fl_exp(exp(fl_logits(s_j - m))), l = sum_j e_j added in key order
+   in ``l_acc``, P_j = fl_p(e_j * fl_l_acc(1 / l)) (ATen's CPU softmax
+   multiplies by the reciprocal), 0 on rows with no visible key; out =
+   fl_out(P V accumulated as in 1 in ``pv_acc``), lse = fl32(m +
+   fl32(log l)). Tiles play no part (``block_m``, ``block_n`` are only
+   validated), and no partial state exists: `partial_state`,
+   `split_kv_attention` refuse such a model.
+6. Rows are independent, so ``block_m`` does not change any number; the
    queries are still padded to whole blocks of ``block_m`` rows and
    processed block by block (vectorised across blocks, heads and batch).
    Keys are processed tile by tile and, inside a tile, key by key wherever
@@ -198,6 +210,7 @@ class _Problem:
     mask: np.ndarray | None  # broadcast view (B, H, Nq, Nk), bool or additive
     is_causal: bool
     scale: float
+    qk_const: float | None = None  # c = fl32(sqrt(scale)) already folded into q and k ("sqrt-qk")
 
     @property
     def nk(self) -> int:
@@ -217,10 +230,23 @@ def _prepare(q, k, v, attn_mask, is_causal, scale, enable_gqa, model) -> _Proble
         vf = np.repeat(vf, args.groups, axis=1)
     if model is not None and model.tf32:
         qf, kf, vf = (round_to(a, "tf32") for a in (qf, kf, vf))
+    c = None
+    if model is not None and model.scaling == "sqrt-qk":
+        # torch's math backend: sqrt of the float64 scale, rounded to fp32 once
+        # it meets an fp32 tensor, multiplies both q and k.
+        c = float(round_to(np.sqrt(np.float64(args.scale)), "fp32"))
+        qf, kf = round_to(qf * c, "fp32"), round_to(kf * c, "fp32")
     mask = None
     if attn_mask is not None:
         mask = _mask_values(attn_mask, args.mask, args.target_shape)
-    return _Problem(qf, kf, vf, mask, args.is_causal, args.scale)
+    return _Problem(qf, kf, vf, mask, args.is_causal, args.scale, c)
+
+
+def _refuse_stored(model, what):
+    if model is not None and model.softmax == "stored":
+        raise ValueError(f"{what} builds partial states of the online softmax; model {model.name!r} has "
+                         f"softmax='stored' (the math backend normalises each row at once): "
+                         f"use tiled_attention, or an online model")
 
 
 def _mask_values(attn_mask, kind, target):
@@ -428,13 +454,18 @@ def finalize(state: State, model=None):
     l_safe = np.where(dead, 1.0, state.l)
     out = _fl(_fl(state.o / l_safe[..., None], model, "pv_acc"), model, "out")
     out = np.where(dead[..., None], 0.0, out)
+    return out, _lse(state.m, l_safe, dead, model)
+
+
+def _lse(m, l_safe, dead, model):
+    """Natural-log LSE fl32(m + fl32(log l)) (exp2 models: from base 2), -inf on dead rows."""
     with np.errstate(divide="ignore"):
         if _base2(model):
-            lse = _fl(_fl(state.m + _fl(np.log2(l_safe), model, "fp32"), model, "fp32") * _const(_LN2, model),
+            lse = _fl(_fl(m + _fl(np.log2(l_safe), model, "fp32"), model, "fp32") * _const(_LN2, model),
                       model, "fp32")
         else:
-            lse = _fl(state.m + _fl(np.log(l_safe), model, "fp32"), model, "fp32")
-    return out, np.where(dead, -np.inf, lse)
+            lse = _fl(m + _fl(np.log(l_safe), model, "fp32"), model, "fp32")
+    return np.where(dead, -np.inf, lse)
 
 
 # -- the tiled forward pass ----------------------------------------------------
@@ -463,7 +494,11 @@ def _tile_logits(prob, qb, rows, keys, model):
         fill = True if tile.dtype == bool else 0.0
         tile = np.pad(tile, [(0, 0), (0, 0), (0, pad), (0, 0)], constant_values=fill)
         bias = tile.reshape(S.shape)
-    if _base2(model):
+    if prob.qk_const is not None:
+        s = _fl(S, model, "logits")  # q and k carry the scale already
+        if bias is not None and bias.dtype != bool:
+            s = _fl(s + bias, model, "logits")
+    elif _base2(model):
         s = _fl(S * _const(prob.scale * _LOG2E, model), model, "logits")  # c = fl32(scale log2 e), once
         if bias is not None and bias.dtype != bool:
             s = _fl(s + _fl(bias * _const(_LOG2E, model), model, "logits"), model, "logits")
@@ -520,6 +555,33 @@ def _attend(prob: _Problem, keys, block_m, block_n, model) -> State:
                  state.o.reshape(flat + (Dv,))[..., :Nq, :])
 
 
+def _stored_probs(prob: _Problem, model):
+    """The math backend's softmax (contract step 5): (P, m, l, dead) with P
+    (B, H, Nq, Nk) the stored, per-element normalised probabilities."""
+    rows = np.arange(prob.q.shape[2])
+    s = _tile_logits(prob, prob.q[:, :, None], rows, np.arange(prob.nk), model)[:, :, 0]
+    m = s.max(axis=-1) if s.shape[-1] else np.full(s.shape[:-1], -np.inf)
+    dead = m == -np.inf
+    m_safe = np.where(dead, 0.0, m)
+    e = _exp(_fl(s - m_safe[..., None], model, "logits"), model)
+    l = np.zeros(m.shape)
+    for j in range(e.shape[-1]):
+        l = _fl(l + e[..., j], model, "l_acc")
+    l_safe = np.where(dead, 1.0, l)
+    p = _fl(e * _fl(1.0 / l_safe, model, "l_acc")[..., None], model, "p")
+    return np.where(dead[..., None], 0.0, p), m, l_safe, dead
+
+
+def _stored_attention(prob: _Problem, model):
+    """(out, lse) of the math backend: stored P, then P V (contract step 5)."""
+    p, m, l_safe, dead = _stored_probs(prob, model)
+    o = np.zeros(p.shape[:-1] + (prob.v.shape[-1],))
+    for j in range(p.shape[-1]):
+        o = _fl_acc(o + p[..., j, None] * prob.v[..., j, None, :], model, "pv_acc")
+    out = np.where(dead[..., None], 0.0, _fl(o, model, "out"))
+    return out, _lse(m, l_safe, dead, model)
+
+
 def partial_state(q, k, v, keys, *, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
                   block_n=64, model=None) -> State:
     """The `State` of attention restricted to the keys ``keys`` (a slice or an
@@ -532,6 +594,7 @@ def partial_state(q, k, v, keys, *, attn_mask=None, is_causal=False, scale=None,
     >>> bool(np.allclose(finalize(s)[0], tiled_attention(q, k, v), rtol=1e-13, atol=0))
     True
     """
+    _refuse_stored(model, "partial_state")
     prob = _prepare(q, k, v, attn_mask, is_causal, scale, enable_gqa, model)
     block_n = _check_block(block_n, "block_n")
     return _attend(prob, _key_positions(keys, prob.nk), prob.q.shape[2], block_n, model)
@@ -547,7 +610,8 @@ def tiled_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, enable
     ``attn_mask`` is bool (True attends) or additive in the query dtype,
     broadcastable to (B, H, Nq, Nk). Returns out (B, H, Nq, Dv) as float64,
     and the natural-log LSE (B, H, Nq) too if ``return_lse``. Fully masked
-    rows give out 0 and LSE -inf.
+    rows give out 0 and LSE -inf. A ``softmax="stored"`` model (torch's math
+    backend) is computed as the contract's step 5 says, without tiles.
 
     >>> q = np.ones((1, 1, 2, 2)); v = np.array([[[[1.0, 0.0], [0.0, 1.0]]]])
     >>> tiled_attention(q, q, v, is_causal=True).tolist()
@@ -556,7 +620,11 @@ def tiled_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, enable
     prob = _prepare(q, k, v, attn_mask, is_causal, scale, enable_gqa, model)
     block_m = _check_block(block_m, "block_m")
     block_n = _check_block(block_n, "block_n")
-    out, lse = finalize(_attend(prob, np.arange(prob.nk), block_m, block_n, model), model)
+    if model is not None and model.softmax == "stored":
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow propagates, as on hardware
+            out, lse = _stored_attention(prob, model)
+    else:
+        out, lse = finalize(_attend(prob, np.arange(prob.nk), block_m, block_n, model), model)
     return (out, lse) if return_lse else out
 
 
@@ -604,6 +672,7 @@ def split_kv_attention(q, k, v, partition, *, order=None, attn_mask=None, is_cau
     >>> bool(np.allclose(out, tiled_attention(q, k, v), rtol=1e-13, atol=0))
     True
     """
+    _refuse_stored(model, "split_kv_attention")
     prob = _prepare(q, k, v, attn_mask, is_causal, scale, enable_gqa, model)
     block_n = _check_block(block_n, "block_n")
     parts = _partition_indices(partition, prob.nk)

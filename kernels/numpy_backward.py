@@ -41,6 +41,27 @@ addition to an accumulator is rounded, in ``model.acc_rounding``):
    validated but change no number: every accumulation above is sequential
    per element, so tiles only decide which work a program does.
 
+A ``softmax="stored"`` model (torch's math backend: plain autograd of its
+forward graph, checked bit for bit against torch 2.13 on the CPU) replaces
+1-8 with:
+
+M1. P is the forward's stored P, recomputed here exactly as
+    `numpy_attention.tiled_attention` forms it (q_c = fl32(q c), k_c =
+    fl32(k c), c = fl32(sqrt(scale)); same logits, same softmax), so
+    ``out`` and ``lse`` are not read (they may be None).
+M2. dV_h = P^T dO per query head, dP = dO V^T, both fp32 GEMMs accumulated
+    as in the forward (``pv_acc`` and ``qk_acc``, reduction index in order).
+M3. Delta_i = sum_j fl32(dP_ij P_ij), the products rounded and added in key
+    order in fp32 (ATen's softmax backward: products, then a sum).
+M4. dS_ij = fl32(P_ij fl32(dP_ij - Delta_i)) (ATen's CPU order; its CUDA
+    kernels form fl32(fl32(P dP) - P Delta), which the bound covers too).
+M5. dq_c = dS k_c, dk_c,h = dS_h^T q_c per query head (``pv_acc``), then
+    dq = fl32(dq_c c), dk_h = fl32(dk_c,h c): the chain rule through the
+    products with c.
+M6. dk and dv are summed over each GQA group in fp32, head after head (the
+    sum of the expanded kv heads' gradients, before any cast: measured),
+    then dq, dk, dv rounded to ``model.input``.
+
 >>> import numpy as np
 >>> q = k = np.zeros((1, 1, 2, 2)); v = np.array([[[[1.0, 0.0], [0.0, 1.0]]]])
 >>> do = np.ones((1, 1, 2, 2)); out = np.full((1, 1, 2, 2), 0.5)
@@ -64,6 +85,7 @@ from flashcheck.kernels.numpy_attention import (
     _fl,
     _fl_acc,
     _prepare,
+    _stored_probs,
     _tile_logits,
 )
 from flashcheck.kernels.precision import round_to, to_float64
@@ -163,7 +185,9 @@ def attention_backward(q, k, v, out, lse, do, attn_mask=None, is_causal=False, s
     q (B, H, Nq, D); k, v (B, Hkv, Nk, D / Dv); ``out`` (B, H, Nq, Dv) and
     ``lse`` (B, H, Nq, natural log) are what the forward pass saved
     (``tiled_attention(..., return_lse=True)`` under the same model, or a
-    kernel's own); ``do`` (B, H, Nq, Dv) is the output gradient. Options as
+    kernel's own); a ``softmax="stored"`` model (the math backend, contract
+    M1-M6) reads neither, so they may be None, and checks their shapes when
+    given. ``do`` (B, H, Nq, Dv) is the output gradient. Options as
     in `flashcheck.kernels.numpy_attention.tiled_attention`. Returns float64 arrays
     dq (B, H, Nq, D), dk (B, Hkv, Nk, D), dv (B, Hkv, Nk, Dv); with GQA, dk and
     dv are summed over the query heads sharing a kv head.
@@ -182,6 +206,8 @@ def attention_backward(q, k, v, out, lse, do, attn_mask=None, is_causal=False, s
     _check_block(block_n, "block_n")
     # Overflow in an emulated format propagates (inf, then NaN), as on hardware.
     with np.errstate(over="ignore", invalid="ignore"):
+        if model is not None and model.softmax == "stored":
+            return _stored_backward(prob, k.shape[1], out, lse, do, model)
         return _backward(prob, k.shape[1], out, lse, do, model)
 
 
@@ -217,3 +243,53 @@ def _backward(prob, Hkv, out, lse, do, model):
 
     # 8. outputs in the input dtype (dk, dv are already summed per group).
     return tuple(_fl(g, model, "input") for g in (dq_acc, dk_acc, dv_acc))
+
+
+def _check_saved_shapes(out, lse, q_shape, dv):
+    """Shapes of a stored-softmax backward's optional ``out`` and ``lse``."""
+    B, H, Nq, _ = q_shape
+    for name, x, shape in (("out", out, (B, H, Nq, dv)), ("lse", lse, (B, H, Nq))):
+        if x is None:
+            continue
+        check_array(x, name)
+        if tuple(x.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)} (or pass None: a stored-softmax "
+                             f"model does not read it)")
+
+
+def _group_sum(x, hkv, model):
+    """(B, H, N, C) -> (B, Hkv, N, C): each GQA group's heads added in order in fp32."""
+    B, H, N, C = x.shape
+    g = x.reshape(B, hkv, H // hkv, N, C)
+    acc = g[:, :, 0]
+    for h in range(1, H // hkv):
+        acc = _fl(acc + g[:, :, h], model, "fp32")
+    return acc
+
+
+def _stored_delta(dp, p, model):
+    """Delta_i = sum_j fl32(dP_ij P_ij), added in key order in fp32 (M3)."""
+    delta = np.zeros(dp.shape[:-1])
+    for j in range(dp.shape[-1]):
+        delta = _fl(delta + _fl(dp[..., j] * p[..., j], model, "fp32"), model, "fp32")
+    return delta
+
+
+def _stored_backward(prob, Hkv, out, lse, do, model):
+    """The math backend's backward (contract M1-M6)."""
+    Dv = prob.v.shape[-1]
+    _check_saved_shapes(out, lse, prob.q.shape, Dv)
+    dO, _ = _as_exact(do, "do", model, field="input")
+    if dO.shape != prob.q.shape[:3] + (Dv,):
+        raise ValueError(f"do must have the output's shape (B, H, Nq, Dv) = {prob.q.shape[:3] + (Dv,)}, "
+                         f"got {dO.shape}")
+    p = _stored_probs(prob, model)[0]  # M1
+    dv_h = _acc_over(p, dO, model, "pv_acc")  # M2, per query head
+    dp = _acc_over(np.swapaxes(dO, -1, -2), np.swapaxes(prob.v, -1, -2), model, "qk_acc")
+    delta = _stored_delta(dp, p, model)  # M3
+    ds = _fl(p * _fl(dp - delta[..., None], model, "fp32"), model, "fp32")  # M4
+    c = prob.qk_const  # M5
+    dq = _fl(_acc_over(np.swapaxes(ds, -1, -2), prob.k, model, "pv_acc") * c, model, "fp32")
+    dk_h = _fl(_acc_over(ds, prob.q, model, "pv_acc") * c, model, "fp32")
+    dk, dv = _group_sum(dk_h, Hkv, model), _group_sum(dv_h, Hkv, model)  # M6
+    return tuple(_fl(g, model, "input") for g in (dq, dk, dv))

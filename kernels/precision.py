@@ -188,6 +188,8 @@ def from_float64(x, fmt) -> np.ndarray:
 
 
 _EXP_IMPLS = ("exact", "exp2")
+_SOFTMAX_KINDS = ("online", "stored")
+_SCALINGS = ("logits", "sqrt-qk")
 
 
 @dataclass(frozen=True)
@@ -217,7 +219,32 @@ class PrecisionModel:
             cores, which align and truncate when they add.
         div_rel_err: relative error of the final division O = acc / l beyond
             rounding to ``pv_acc`` (0 for IEEE division; GPU compilers often
-            use an approximate divide or reciprocal).
+            use an approximate divide or reciprocal); for ``softmax="stored"``,
+            of the per-element normalisation P = e / l beyond its two
+            roundings (see below).
+        softmax: how P is formed and what the backward pass reads.
+            "online" (FlashAttention-2): running max and rescaled partial
+            sums per key tile, the output divided by l once at the end; the
+            forward saves O and the LSE, and the backward recomputes P from
+            the logits and the saved LSE, with D = rowsum(dO * O) from the
+            stored output (`flashcheck.kernels.numpy_backward`).
+            "stored" (torch's math backend, an ordinary autograd graph): one
+            pass over the whole row, m = max_j s_j, e_j = fl_exp(exp(fl_logits(
+            s_j - m))), l = sum_j e_j in ``l_acc``, and every element
+            normalised on its own, P_j = fl_p(e_j * fl_l_acc(1 / l)) (a true
+            division fl_p(e_j / l) is covered too); P is kept for the
+            backward, and O = P V in ``pv_acc``. The backward uses that P,
+            Delta = rowsum(dP * P) in fp32 and dS = P * (dP - Delta) in fp32.
+            It requires ``scaling="sqrt-qk"``, ``exp_impl="exact"``, no tf32
+            and fp32 ``qk_acc``, ``pv_acc`` and ``l_acc`` (the math backend's
+            fp32 tensors): other combinations are not derived.
+        scaling: where the softmax scale enters. "logits": S = Q K^T is
+            accumulated from the inputs and multiplied by the constant
+            fl32(scale) (or fl32(scale * log2 e) for exp2); "sqrt-qk" (the
+            math backend): c = fl32(sqrt(|scale|)) and both q and k are
+            multiplied by it (q by -c for a negative scale), each product
+            rounded to fp32, before the dot products, whose result is the
+            logit. Requires ``softmax="stored"``.
         name: a label.
     """
 
@@ -235,6 +262,8 @@ class PrecisionModel:
     exp_rel_err: float = 0.0
     acc_rounding: str = "nearest"
     div_rel_err: float = 0.0
+    softmax: str = "online"
+    scaling: str = "logits"
     name: str = "custom"
 
     def __post_init__(self):
@@ -250,6 +279,28 @@ class PrecisionModel:
             value = getattr(self, field)
             if not (0.0 <= value < 1e-2):
                 raise ValueError(f"{field} must be in [0, 1e-2), got {value!r}")
+        if self.softmax not in _SOFTMAX_KINDS:
+            raise ValueError(f"softmax must be one of {_SOFTMAX_KINDS}, got {self.softmax!r}")
+        if self.scaling not in _SCALINGS:
+            raise ValueError(f"scaling must be one of {_SCALINGS}, got {self.scaling!r}")
+        if (self.softmax == "stored") != (self.scaling == "sqrt-qk"):
+            raise ValueError(
+                f"softmax={self.softmax!r} with scaling={self.scaling!r} is not a derived combination; "
+                f"use softmax='stored' with scaling='sqrt-qk' (torch's math backend) or the defaults "
+                f"softmax='online', scaling='logits' (FlashAttention-2)"
+            )
+        if self.softmax == "stored":
+            wrong = [f"{f}={getattr(self, f)!r}" for f in ("qk_acc", "pv_acc", "l_acc") if getattr(self, f) != "fp32"]
+            if self.exp_impl != "exact":
+                wrong.append(f"exp_impl={self.exp_impl!r}")
+            if self.tf32:
+                wrong.append("tf32=True")
+            if wrong:
+                raise ValueError(
+                    f"softmax='stored' (the math backend) is derived for natural exp, no tf32 and fp32 "
+                    f"qk_acc, pv_acc and l_acc; got {', '.join(wrong)}: set those fields to 'exact', "
+                    f"False and 'fp32'"
+                )
 
     def replace(self, **changes) -> PrecisionModel:
         return dataclasses.replace(self, **changes)

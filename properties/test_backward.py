@@ -1,9 +1,11 @@
-"""The backward pass: the NumPy FlashAttention-2 backward emulation against
-the oracle's gradients, within the bound derived from the precision model
+"""The backward pass: the NumPy backward emulations (FlashAttention-2, and
+torch's math backend for the ``math`` models) against the oracle's
+gradients, within the bound derived from the precision model
 (verify/grad_bounds.py), and planted bugs that the bound must catch.
 
 The emulation is fed the emulated forward's own output and LSE, as a kernel
-feeds its backward, and the bound is told those saved values.
+feeds its backward, and the bound is told those saved values (the math
+backend's backward reads neither: it keeps P).
 """
 
 import numpy as np
@@ -13,7 +15,7 @@ from hypothesis import strategies as st
 
 from flashcheck.kernels import numpy_attention as na
 from flashcheck.kernels import numpy_backward as nb
-from flashcheck.kernels.models import get_model
+from flashcheck.kernels.models import MODELS_FOR_DTYPE, get_model
 from flashcheck.kernels.precision import round_to
 from flashcheck.properties import strategies as fs
 from flashcheck.properties._support import assert_within, models, ratio_of
@@ -36,7 +38,7 @@ def case_and_model(draw, dtypes=("fp16", "bf16", "fp32"), names=None):
     if names is None:
         model = draw(models(case.dtype))
     else:
-        model = get_model(draw(st.sampled_from(names)), case.dtype)
+        model = get_model(draw(st.sampled_from([n for n in MODELS_FOR_DTYPE[case.dtype] if n in names])), case.dtype)
     return case, model
 
 
@@ -111,11 +113,40 @@ def _lse_wrong_base(lse, model):
     return np.where(lse == -np.inf, 0.0, lse)
 
 
+_stored_probs = nb._stored_probs
+
+
+def _p_kept_in_input_dtype(prob, model):
+    """Bug (math backend): the backward reads P rounded to the input dtype,
+    as if the forward had stored it in fp16/bf16 rather than fp32."""
+    p, *rest = _stored_probs(prob, model)
+    return (round_to(p, model.input), *rest)
+
+
+def _stored_delta_missing(dp, p, model):
+    """Bug (math backend): Delta = rowsum(dP * P) left out of dS."""
+    return np.zeros(dp.shape[:-1])
+
+
+_group_sum = nb._group_sum
+
+
+def _gqa_sum_after_cast(x, hkv, model):
+    """Bug (math backend): each query head's dk, dv cast to the input dtype
+    before the GQA group sum, rather than summed in fp32 and cast once."""
+    return _group_sum(round_to(x, model.input), hkv, model)
+
+
+ONLINE = ("fa2", "fa2+gpu", "upcast", "upcast+gpu", "fp32-ieee", "fp32-ieee+gpu", "fp32-tf32", "fp32-tf32+gpu")
+
 PLANTED = {
     "ds-rounded-to-fp16": ("_ds", _ds_rounded_to_fp16, ("fp32",), ("fp32-ieee", "fp32-ieee+gpu")),
     "ds-rounded-to-bf16": ("_ds", _ds_rounded_to_bf16, ("fp16",), ("fa2",)),
-    "delta-missing": ("_delta", _delta_missing, ("fp16", "bf16", "fp32"), None),
+    "delta-missing": ("_delta", _delta_missing, ("fp16", "bf16", "fp32"), ONLINE),
     "lse-wrong-base": ("_lse_units", _lse_wrong_base, ("fp16", "bf16"), ("fa2+gpu", "upcast+gpu")),
+    "math-p-in-input-dtype": ("_stored_probs", _p_kept_in_input_dtype, ("fp16", "bf16"), ("math", "math+gpu")),
+    "math-delta-missing": ("_stored_delta", _stored_delta_missing, ("fp16", "bf16", "fp32"), ("math", "math+gpu")),
+    "math-gqa-sum-after-cast": ("_group_sum", _gqa_sum_after_cast, ("fp16", "bf16"), ("math", "math+gpu")),
 }
 
 

@@ -7,7 +7,11 @@ units of the model's formats, the recomputed logits (the dot product, the
 scale constant, the additive mask), exp and its underflow, tf32 operands.
 Each such step is derived once, here, and both bounds call it, so that a
 change to the kernel's contract (e.g. how the scale constant is rounded) is
-made in one place. Section numbers refer to docs/error-bounds.md.
+made in one place. Section numbers refer to docs/error-bounds.md. The
+per-key weight errors (`key_errors`, §3) and the stored softmax's
+normalisation (`normalise_unit`, `stored_p_error`, §4s-§5s) are shared the
+same way: the forward bound and the math backend's gradient bound
+(docs/error-bounds-backward.md, M1) read the same arrays.
 
 The hardware figures these terms use (tf32 conversion, ex2.approx) come
 from the one catalogue, `flashcheck.kernels.models`.
@@ -15,28 +19,38 @@ from the one catalogue, `flashcheck.kernels.models`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from flashcheck.kernels.models import TF32_CONVERSION_REL_ERR
-from flashcheck.kernels.precision import FORMATS, PrecisionModel
+from flashcheck.kernels.precision import FORMATS, PrecisionModel, to_float64
 
 __all__ = [
     "EVAL_MARGIN",
     "SCALE_CONST_U",
+    "KeyErrors",
+    "acc_underflow",
     "additive_mask_abs",
     "dot_error",
     "exp_underflow",
     "exp_unit",
     "gamma",
     "half_subnormal",
+    "key_errors",
     "largest_terms",
+    "logit_product_error",
     "mask_logit_error",
     "mask_unit",
+    "normalise_unit",
     "p_times_expm1",
     "scale_constant_error",
+    "scale_constant_unit",
     "scaled_dot_error",
+    "stored_p_error",
     "tf32_operand_terms",
     "unit",
+    "weight_perturbation",
 ]
 
 #: The gradient bound's float-evaluation margin: the bound is evaluated in
@@ -85,9 +99,21 @@ def exp_unit(model: PrecisionModel) -> float:
 
 def exp_underflow(model: PrecisionModel) -> float:
     """Absolute error of an exp result that underflows: GPU exp2
-    (ex2.approx.ftz) flushes results below fp32's smallest normal to 0;
-    a correctly rounded exp loses at most half a subnormal of ``model.exp``."""
-    return FORMATS["fp32"].tiny if model.exp_impl == "exp2" else half_subnormal(model.exp)
+    (ex2.approx.ftz) flushes results below fp32's smallest normal to 0, and
+    any approximate exp (``exp_rel_err > 0``) may be off by a few subnormal
+    spacings there, where its relative figure means nothing: both are
+    charged fp32's smallest normal. A correctly rounded exp loses at most
+    half a subnormal of ``model.exp``."""
+    if model.exp_impl == "exp2" or model.exp_rel_err > 0:
+        return FORMATS["fp32"].tiny
+    return half_subnormal(model.exp)
+
+
+def acc_underflow(n_ops, fmt: str, rounding: str = "nearest"):
+    """Absolute error that ``n_ops`` rounded operations into ``fmt`` may add
+    in its subnormal range, where rounding is absolute: half a subnormal
+    spacing each when rounding to nearest, a whole one when truncating."""
+    return n_ops * FORMATS[fmt].smallest_subnormal * (1.0 if rounding == "zero" else 0.5)
 
 
 def p_times_expm1(p: np.ndarray, e: np.ndarray) -> np.ndarray:
@@ -110,17 +136,18 @@ def tf32_operand_terms(model: PrecisionModel) -> tuple[float, float, float]:
     return 2 * u_tf + u_tf**2, u_tf, FORMATS["tf32"].smallest_subnormal
 
 
-def dot_error(abs_a, abs_b, n, u, tf):
+def dot_error(abs_a, abs_b, n, u, tf, eta=None):
     """Bound on |fl(A B) - A B| for exact A (..., m, n), B (..., n, p) given by
-    their absolute values: products exact, n rounded additions with unit
-    ``u`` in any order (Higham §3.1), operands first rounded to tf32 when
-    ``tf`` (the ``tau`` of `tf32_operand_terms`; relative 2^-10 each, or a
-    tf32 subnormal spacing absolutely: rounding a subnormal is an absolute
-    error)."""
+    their absolute values: n terms accumulated with unit ``u`` in any order
+    (Higham §3.1: gamma_n covers the additions and rounded products alike),
+    operands first rounded with relative error ``tf`` for a product of two
+    (the ``tau`` of `tf32_operand_terms`: tf32 rounding, 2^-10 each) or an
+    absolute ``eta`` each (rounding a subnormal; default one tf32 subnormal
+    spacing)."""
     g = gamma(n, u)
     err = ((1 + tf) * (1 + g) - 1) * (abs_a @ abs_b) * _DOT_EVAL_MARGIN
     if tf:
-        eta = FORMATS["tf32"].smallest_subnormal
+        eta = FORMATS["tf32"].smallest_subnormal if eta is None else eta
         err = err + (1 + g) * (eta * (1 + tf) * (abs_a.sum(-1)[..., :, None] + abs_b.sum(-2)[..., None, :])
                                + n * eta**2)
     return err
@@ -133,33 +160,70 @@ def scaled_dot_error(q, k, scale, model: PrecisionModel):
     expanded). Returns ``(qk, e_dot, mag)``: the exact Q K^T, the bound
     |scale| |S~ - S| (accumulation in ``model.qk_acc``, tf32 operands when the
     model says so) and mag = |scale S| + e_dot, a bound on |scale S~|.
+
+    ``scaling="sqrt-qk"`` (§3s): the operands are q c~ and k c~, each rounded
+    to fp32 (relative u32, or half an fp32 subnormal), c~ = fl32(sqrt(scale))
+    = sqrt(scale)(1 + delta_c); e_dot then bounds |S~ - c~^2 S|, the part
+    that differs from key to key, evaluated with |q c~| <= sqrt(scale)(1 +
+    u_c)|q|; the common factor c~^2 / scale - 1 is `scale_constant_unit`'s,
+    charged by `scale_constant_error`, and mag includes it.
     """
     scale = abs(float(scale))
-    tau = tf32_operand_terms(model)[0]
     qk = q @ np.swapaxes(k, -1, -2)
-    e_dot = scale * dot_error(np.abs(q), np.swapaxes(np.abs(k), -1, -2), q.shape[-1],
-                              unit(model.qk_acc, model.acc_rounding), tau)
+    u_dot = unit(model.qk_acc, model.acc_rounding)
+    if model.scaling == "sqrt-qk":
+        c_up = np.sqrt(scale) * (1 + SCALE_CONST_U)
+        u32 = unit("fp32")
+        e_dot = dot_error(c_up * np.abs(q), np.swapaxes(c_up * np.abs(k), -1, -2), q.shape[-1], u_dot,
+                          2 * u32 + u32**2, eta=half_subnormal("fp32"))
+        return qk, e_dot, np.abs(scale * qk) * (1 + scale_constant_unit(model)) + e_dot
+    tau = tf32_operand_terms(model)[0]
+    e_dot = scale * dot_error(np.abs(q), np.swapaxes(np.abs(k), -1, -2), q.shape[-1], u_dot, tau)
     return qk, e_dot, np.abs(scale * qk) + e_dot
 
 
-def scale_constant_error(factor, magnitude):
+def scale_constant_unit(model: PrecisionModel) -> float:
+    """Relative error of the factor every logit of a row shares through the
+    rounded scale constant: `SCALE_CONST_U` for a constant c~ multiplying
+    the logits; for ``scaling="sqrt-qk"`` the logits carry c~^2, so
+    (1 + SCALE_CONST_U)^2 - 1 (fl32 of a float64 sqrt is within
+    SCALE_CONST_U of sqrt(scale) too)."""
+    if model.scaling == "sqrt-qk":
+        return 2 * SCALE_CONST_U + SCALE_CONST_U**2
+    return SCALE_CONST_U
+
+
+def logit_product_error(model: PrecisionModel, mag):
+    """Rounding of the logit as the kernel forms it (§3, second bullet):
+    u_logits * mag for fl_logits(S~ c) (``scaling="logits"``); none for
+    ``"sqrt-qk"``, whose dot product already is the logit, unless it is
+    held in another format than its accumulator."""
+    if model.scaling == "sqrt-qk" and model.logits == model.qk_acc:
+        return np.zeros_like(mag)
+    return unit(model.logits) * mag
+
+
+def scale_constant_error(factor, magnitude, unit_c=SCALE_CONST_U):
     """Error of multiplying by the rounded constant c~ = c (1 + delta),
-    |delta| <= `SCALE_CONST_U`, rather than by c (§3, third bullet):
-    SCALE_CONST_U * factor * magnitude, where ``factor * magnitude`` bounds
-    the size of the product (e.g. factor = scale, magnitude = |S|).
+    |delta| <= ``unit_c`` (`SCALE_CONST_U`, or `scale_constant_unit` of the
+    model), rather than by c (§3, third bullet): unit_c * factor *
+    magnitude, where ``factor * magnitude`` bounds the size of the product
+    (e.g. factor = scale, magnitude = |S|).
 
     The forward charges it centred on the row's max key (|S_j - S_max|: a
     common factor cancels in the softmax) and uncentred (|S_j|) for the LSE;
     the gradient bound charges it uncentred (the saved LSE does not move with
     the recomputed logits), on the perturbed product's magnitude.
     """
-    return SCALE_CONST_U * factor * magnitude
+    return unit_c * factor * magnitude
 
 
 def additive_mask_abs(attn_mask, shape) -> np.ndarray:
     """|a| of an additive (float) mask broadcast to the logits' ``shape``;
     zeros for no mask or a boolean one, and where a is -inf (a masked key,
     which drops out rather than carrying an error)."""
+    if attn_mask is not None and hasattr(attn_mask, "detach"):  # a torch tensor (bf16 has no NumPy view)
+        attn_mask = attn_mask.detach().cpu().numpy() if str(attn_mask.dtype) == "torch.bool" else to_float64(attn_mask)
     if attn_mask is None or np.asarray(attn_mask).dtype == bool:
         return np.zeros(shape)
     a = np.broadcast_to(np.abs(np.asarray(attn_mask).astype(np.float64)), shape)
@@ -179,6 +243,142 @@ def mask_logit_error(a, logit_mag, model: PrecisionModel):
     sum to ``model.logits``: u_logits * ``logit_mag``, a bound on the
     magnitude of the sum as computed."""
     return mask_unit(model) * a + np.where(a > 0, unit(model.logits) * logit_mag, 0.0)
+
+
+@dataclass
+class KeyErrors:
+    """Per-key errors of one case's logits and weights (docs/error-bounds.md
+    §3), arrays shaped like the logits (B, H, Nq, Nk) unless said otherwise.
+
+    qk:           the exact Q K^T.
+    mag:          bound on |scale S~|, the logit as computed before the mask.
+    a:            |additive mask| (0 for none, a boolean mask, or -inf).
+    e_logit:      the error each key has on its own: dot product, the
+                  product with the constant, the mask.
+    e_common_c:   the common factor of the scale constant, centred on the
+                  row's max key; e_common_abs: the same, uncentred.
+    row_err:      (B, H, Nq) the row's largest logit error, centred.
+    e_sub:        rounding of the exp argument s - m (and of the rescale
+                  exponents, which telescope into it).
+    rescales:     per key, how many later rescales may reach it (0 for a
+                  stored softmax, which has none).
+    e_c, e_abs:   the whole log-error of a key's weight, centred and
+                  uncentred, with exp's own (0 on masked keys).
+    """
+
+    qk: np.ndarray
+    mag: np.ndarray
+    a: np.ndarray
+    e_logit: np.ndarray
+    e_common_c: np.ndarray
+    e_common_abs: np.ndarray
+    row_err: np.ndarray
+    e_sub: np.ndarray
+    rescales: np.ndarray
+    e_c: np.ndarray
+    e_abs: np.ndarray
+
+
+def key_errors(q, k, s, scale, model: PrecisionModel, attn_mask=None, count_rescales=None) -> KeyErrors:
+    """The per-key weight errors of §3 for exact inputs ``q``, ``k`` (kv
+    heads expanded) and exact logits ``s`` (masked keys -inf).
+
+    ``count_rescales(tol)`` gives, per key, the rescales that may reach it
+    when keys within ``tol`` (B, H, Nq) of the running max count as
+    records (`flashcheck.verify.bounds.rescale_counts`); None means no
+    rescales (``softmax="stored"``).
+    """
+    u_log = unit(model.logits)
+    u_exp = exp_unit(model)
+    u_resc = unit(model.rescale) + model.exp_rel_err
+    u_c = scale_constant_unit(model)
+    finite = np.isfinite(s)
+    masked_row = ~finite.any(-1)
+    m = np.where(masked_row, 0.0, np.max(np.where(finite, s, -np.inf), axis=-1))
+    s0 = np.where(finite, s, 0.0)
+    qk, e_dot, mag = scaled_dot_error(q, k, scale, model)
+    e_mul = logit_product_error(model, mag)
+    a = additive_mask_abs(attn_mask, s.shape)
+    # The common rounding of the scale moves every logit of a row by the same
+    # factor: centred on the row's max key it costs u_c |scale (S_j - S_max)|.
+    jmax = np.argmax(np.where(finite, s, -np.inf), axis=-1)
+    qk_max = np.take_along_axis(qk, jmax[..., None], axis=-1)
+    e_common_c = scale_constant_error(scale, np.abs(qk - qk_max), u_c)
+    e_common_abs = scale_constant_error(scale, np.abs(qk), u_c)
+    if model.scaling == "sqrt-qk":
+        e_mask = mask_logit_error(a, np.abs(s0) + e_dot + e_common_abs, model)
+    else:
+        e_mask = mask_logit_error(a, np.abs(s0) + e_dot, model)
+    e_logit = e_dot + e_mul + e_mask
+    row_err = np.max(np.where(finite, e_logit + e_common_c, 0.0), axis=-1)
+    # exp argument s - m_tile and the rescale exponents telescope to |s - m|.
+    e_sub = u_log * (np.abs(s0 - m[..., None]) + 2 * row_err[..., None])
+    # Each key's weight passes through its own exp and one exp per later rescale.
+    tol = 2 * row_err + 1e-300
+    rescales = np.zeros(s.shape, dtype=np.int64) if count_rescales is None else count_rescales(tol)
+    e_expo = -np.log1p(-u_exp) + rescales * (-np.log1p(-u_resc))
+    e_c = np.where(finite, e_logit + e_common_c + e_sub + e_expo, 0.0)
+    e_abs = np.where(finite, e_logit + e_common_abs + e_sub + e_expo, 0.0)
+    return KeyErrors(qk, mag, a, e_logit, e_common_c, e_common_abs, row_err, e_sub, rescales, e_c, e_abs)
+
+
+def weight_perturbation(s, p, e_c, model: PrecisionModel):
+    """§4's sums for exact logits ``s`` (masked keys -inf), probabilities
+    ``p`` and centred key errors ``e_c``: returns ``(pe, w_exact, ell,
+    s_pe)`` with pe = P (e^{e_c} - 1) (no inf * 0 for keys far below the
+    max), the exact weights w = e^{s - m} and their sum l (1 on rows with
+    no visible key), and s_pe = sum_j pe_j + n eta_exp / l, which bounds how
+    far the computed weights' sum, relative to l, may move."""
+    finite = np.isfinite(s)
+    masked_row = ~finite.any(-1)
+    m = np.where(masked_row, 0.0, np.max(np.where(finite, s, -np.inf), axis=-1))
+    s0 = np.where(finite, s, 0.0)
+    pe = p_times_expm1(p, e_c)
+    w_exact = np.exp(np.where(finite, s0 - m[..., None], -np.inf))
+    ell = np.where(masked_row, 1.0, np.sum(w_exact, axis=-1))
+    s_pe = np.sum(pe, axis=-1) + exp_underflow(model) * finite.sum(-1) / ell
+    return pe, w_exact, ell, s_pe
+
+
+def normalise_unit(model: PrecisionModel) -> float:
+    """Relative error of one stored-softmax normalisation (§5s):
+    fl_p(e * fl_l(1 / l)) has (1 + u_l)(1 + u_p) - 1 (a true division
+    fl_p(e / l), u_p, is within it), plus ``div_rel_err`` for an approximate
+    reciprocal or divide."""
+    return (1 + unit(model.l_acc)) * (1 + unit(model.p)) - 1 + model.div_rel_err
+
+
+def stored_p_error(p, pe, s_pe, theta, n_keys, ell, finite, model: PrecisionModel):
+    """Elementwise bound on |P~ - P| for a stored softmax (backward M1),
+    and a bound on |sum_j P~_j - 1| per row.
+
+    ``p`` exact probabilities; ``pe`` = P (e^{e_c} - 1) with e_c the
+    centred key errors (`key_errors`); ``s_pe`` (B, H, Nq) = sum_j pe_j plus
+    the underflow n eta_exp / l, as the forward's §4 forms it; ``theta`` =
+    gamma(n, u_l) of the row sum l~; ``ell`` the exact sum of e^{s - m}.
+    The normalised perturbed weight rho_j = w~_j / sum w~ is within
+    (pe_j + P_j s_pe + eta_exp / l) / (1 - s_pe) of P_j; then
+    P~_j = rho_j (sum w~ / l~)(1 + delta) + xi adds rho (theta + u_norm) /
+    (1 - theta) and half a subnormal of ``model.p``. Where that is not
+    small, max(P, P~_max) bounds it as well (both are non-negative), with
+    P~_max = (1 + u_norm) / (1 - theta) + eta_p; rows with theta >= 1/2 get
+    inf. Returns ``(e_p, e_sum)``, e_p 0 on masked keys.
+    """
+    u_norm = normalise_unit(model)
+    eta_exp = exp_underflow(model)
+    eta_p = half_subnormal(model.p)
+    ok = (s_pe < 0.5) & (theta < 0.5)
+    den = np.where(ok, 1.0 - s_pe, 1.0)[..., None]
+    th = np.where(theta < 0.5, theta, 0.0)[..., None]
+    s_pe = np.where(ok, s_pe, 0.0)  # those rows take the fallback below
+    rho_err = (pe + p * s_pe[..., None] + eta_exp / ell[..., None]) / den
+    fine = rho_err + (p + rho_err) * (th + u_norm) / (1 - th) + eta_p
+    fine = np.where(ok[..., None], fine, np.inf)
+    p_max = (1 + u_norm) / (1 - th) + eta_p
+    e_p = np.minimum(fine, np.maximum(p, p_max))
+    e_p = np.where((theta < 0.5)[..., None], e_p, np.inf)
+    e_sum = np.where(theta < 0.5, (u_norm + th[..., 0]) / (1 - th[..., 0]) + n_keys * eta_p, np.inf)
+    return np.where(finite, e_p, 0.0), e_sum
 
 
 def largest_terms(**terms) -> dict:

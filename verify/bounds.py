@@ -20,18 +20,18 @@ import numpy as np
 from flashcheck.kernels.models import LG2_APPROX_ABS_ERR
 from flashcheck.kernels.precision import FORMATS, PrecisionModel
 from flashcheck.verify.bound_terms import (
-    additive_mask_abs,
+    acc_underflow,
     exp_underflow,
     exp_unit,
     gamma,
     half_subnormal,
+    key_errors,
     largest_terms,
-    mask_logit_error,
+    normalise_unit,
     p_times_expm1,
-    scale_constant_error,
-    scaled_dot_error,
     tf32_operand_terms,
     unit,
+    weight_perturbation,
 )
 
 __all__ = ["Bound", "attention_bound", "rescale_counts", "softmax_bound"]
@@ -115,13 +115,21 @@ def attention_bound(ref, model: PrecisionModel, *, attn_mask=None, block_n=None,
     unused for soundness (the rescale count is taken per key, which covers
     every tile size) and accepted for symmetry with the targets.
     ``partition`` (a list of key index arrays) bounds split-KV attention:
-    each part accumulated on its own, then merged.
+    each part accumulated on its own, then merged (online models only).
+
+    A ``softmax="stored"`` model (torch's math backend) is bounded by the
+    same §3-§4 with no rescales, then §5s-§6s: P normalised per element
+    before an fp32 P V product, and no final division.
     """
     for name in ("q", "k", "v", "s", "p", "out", "lse", "scale"):
         if getattr(ref, name, None) is None:
             raise ValueError(f"attention_bound needs the oracle's {name!r}: call the oracle with keep=True")
     if not isinstance(model, PrecisionModel):
         raise TypeError(f"model must be a PrecisionModel, got {type(model).__name__}")
+    stored = model.softmax == "stored"
+    if stored and partition is not None:
+        raise ValueError(f"model {model.name!r} has softmax='stored' (no partial states to merge): "
+                         f"split-KV partitions apply to online models only; pass partition=None")
     del block_n
     q, k, v, s, p, o = ref.q, ref.k, ref.v, ref.s, ref.p, ref.out
     scale = abs(float(ref.scale))
@@ -129,9 +137,6 @@ def attention_bound(ref, model: PrecisionModel, *, attn_mask=None, block_n=None,
     # --- units (section 2) ----------------------------------------------
     u_pv = unit(model.pv_acc, model.acc_rounding)
     u_l = unit(model.l_acc, model.acc_rounding)
-    u_log = unit(model.logits)
-    u_exp = exp_unit(model)
-    u_resc = unit(model.rescale) + model.exp_rel_err
     tf, _, eta_tf = tf32_operand_terms(model)
     u_p = 0.0 if model.p == model.exp else unit(model.p)
     u_div = unit(model.pv_acc) + model.div_rel_err
@@ -140,45 +145,21 @@ def attention_bound(ref, model: PrecisionModel, *, attn_mask=None, block_n=None,
 
     finite = np.isfinite(s)
     masked_row = ~finite.any(-1)
-    m = np.where(masked_row, 0.0, np.max(np.where(finite, s, -np.inf), axis=-1))
-    s0 = np.where(finite, s, 0.0)
 
     # --- per-key logit errors (section 3) ---------------------------------
-    qk, e_dot, mag_sS = scaled_dot_error(q, k, scale, model)
-    e_mul = u_log * mag_sS
-    a = additive_mask_abs(attn_mask, s.shape)
-    e_mask = mask_logit_error(a, np.abs(s0) + e_dot, model)
-    # The common rounding of the scale moves every logit of a row by the same
-    # factor: centred on the row's max key it costs u_c |scale (S_j - S_max)|.
-    jmax = np.argmax(np.where(finite, s, -np.inf), axis=-1)
-    qk_max = np.take_along_axis(qk, jmax[..., None], axis=-1)
-    e_common_c = scale_constant_error(scale, np.abs(qk - qk_max))
-    e_common_abs = scale_constant_error(scale, np.abs(qk))
-    e_logit = e_dot + e_mul + e_mask
-    row_err = np.max(np.where(finite, e_logit + e_common_c, 0.0), axis=-1)
-    # exp argument s - m_tile and the rescale exponents telescope to |s - m|.
-    e_sub = u_log * (np.abs(s0 - m[..., None]) + 2 * row_err[..., None])
-    # Each key's weight passes through its own exp and one exp per later rescale.
-    tol = 2 * row_err + 1e-300
-    rescales = rescale_counts(s, tol, partition)
+    ke = key_errors(q, k, s, scale, model, attn_mask,
+                    None if stored else (lambda tol: rescale_counts(s, tol, partition)))
+    mag_sS, a, rescales, e_c, e_abs = ke.mag, ke.a, ke.rescales, ke.e_c, ke.e_abs
     n_resc_row = np.max(np.where(finite, rescales, 0), axis=-1) + 1
     if partition is not None:
         n_resc_row = n_resc_row + len(partition)  # each merge also adds its two halves
-    e_expo = -np.log1p(-u_exp) + rescales * (-np.log1p(-u_resc))
-    e_c = np.where(finite, e_logit + e_common_c + e_sub + e_expo, 0.0)
-    e_abs = np.where(finite, e_logit + e_common_abs + e_sub + e_expo, 0.0)
     with np.errstate(over="ignore"):
         E = np.expm1(e_c)  # may be inf for keys far below the max: only P E is used then
-    PE = p_times_expm1(p, e_c)  # P_j E_j without inf * 0 for far-below-max keys
-
     # Absolute errors of exp results that underflow (ftz on GPUs).
     eta_exp = exp_underflow(model)
-    w_exact = np.exp(np.where(finite, s0 - m[..., None], -np.inf))
-    ell = np.where(masked_row, 1.0, np.sum(w_exact, axis=-1))
 
     # --- (4) weight perturbations: centred, rigorous ----------------------
-    sPE = np.sum(PE, axis=-1)
-    sPE_eta = sPE + eta_exp * finite.sum(-1) / ell
+    PE, w_exact, ell, sPE_eta = weight_perturbation(s, p, e_c, model)
     fallback = (sPE_eta >= 0.5) | ~np.isfinite(sPE_eta)
     denom1 = np.where(fallback, 1.0, 1.0 - sPE_eta)
     w = PE + finite * (eta_exp / ell)[..., None]
@@ -191,44 +172,47 @@ def attention_bound(ref, model: PrecisionModel, *, attn_mask=None, block_n=None,
     g_pv = gamma(n_acc, u_pv)[..., None]
     g_l = gamma(n_acc, u_l)
     absv = np.abs(v)
-    sum_pv = p_up @ absv
-    eta_p = 0.0 if u_p == 0.0 else half_subnormal(model.p)
-    tiny_p = FORMATS[model.p].tiny
-    with np.errstate(invalid="ignore"):
-        maybe_sub = finite & ~(w_exact * (1 - E) >= tiny_p)  # NaN (0 * inf) counts as "may be subnormal"
-    # tf32 models round both P and V to tf32 for the product as well.
-    u_pp = (1 + u_p) * (1 + tf) - 1
-    num_err = (u_pp + g_pv * (1 + u_pp)) * sum_pv + eta_p * ((maybe_sub / ell[..., None]) @ absv)
-    if tf:
-        # Subnormal P or V entries rounded to tf32: absolute errors.
-        num_err = num_err + eta_tf * (1 + g_pv) * (
-            p_up.sum(-1)[..., None] * (1 + u_pp) + (finite / ell[..., None]) @ absv + eta_tf
-        )
-    # In the subnormal range rounding is absolute, not relative: each of the
-    # n_acc operations of the P V accumulation may lose up to one subnormal
-    # spacing (half of one when rounding to nearest). Found on the H100 with
-    # subnormal fp32 inputs; divided by l >= 1 at most once.
-    num_err = num_err + n_acc[..., None] * FORMATS[model.pv_acc].smallest_subnormal * (
-        1.0 if model.acc_rounding == "zero" else 0.5)
-    theta = g_l
-    fallback |= theta >= 0.5
-    theta = np.where(theta >= 0.5, 0.0, theta)
-    o_tilde = np.abs(o) + err1
-    err2 = (num_err + o_tilde * theta[..., None]) / (1 - theta[..., None])
-    o_c = o_tilde + err2
+    if stored:
+        fallback |= g_l >= 0.5
+        err2, err3, err4, coarse = _stored_output_terms(model, p, w, denom1, err1, o, absv, finite, n_keys, n_acc,
+                                                        fallback)
+    else:
+        sum_pv = p_up @ absv
+        eta_p = 0.0 if u_p == 0.0 else half_subnormal(model.p)
+        tiny_p = FORMATS[model.p].tiny
+        with np.errstate(invalid="ignore"):
+            maybe_sub = finite & ~(w_exact * (1 - E) >= tiny_p)  # NaN (0 * inf) counts as "may be subnormal"
+        # tf32 models round both P and V to tf32 for the product as well.
+        u_pp = (1 + u_p) * (1 + tf) - 1
+        num_err = (u_pp + g_pv * (1 + u_pp)) * sum_pv + eta_p * ((maybe_sub / ell[..., None]) @ absv)
+        if tf:
+            # Subnormal P or V entries rounded to tf32: absolute errors.
+            num_err = num_err + eta_tf * (1 + g_pv) * (
+                p_up.sum(-1)[..., None] * (1 + u_pp) + (finite / ell[..., None]) @ absv + eta_tf
+            )
+        # In the subnormal range rounding is absolute, not relative: each of the
+        # n_acc operations of the P V accumulation may lose up to one subnormal
+        # spacing (half of one when rounding to nearest). Found on the H100 with
+        # subnormal fp32 inputs; divided by l >= 1 at most once.
+        num_err = num_err + acc_underflow(n_acc, model.pv_acc, model.acc_rounding)[..., None]
+        theta = g_l
+        fallback |= theta >= 0.5
+        theta = np.where(theta >= 0.5, 0.0, theta)
+        o_tilde = np.abs(o) + err1
+        err2 = (num_err + o_tilde * theta[..., None]) / (1 - theta[..., None])
+        o_c = o_tilde + err2
 
-    # --- (6) division and output rounding -------------------------------
-    err3 = u_div * o_c + half_subnormal(model.pv_acc)
-    o_d = o_c + err3
-    err4 = u_out * o_d + (half_subnormal(model.out) if u_out else 0.0)
+        # --- (6) division and output rounding -------------------------------
+        err3 = u_div * o_c + half_subnormal(model.pv_acc)
+        o_d = o_c + err3
+        err4 = u_out * o_d + (half_subnormal(model.out) if u_out else 0.0)
+        # Coarse rigorous fallback: the output is a weighted mean of V's rows
+        # inflated by the accumulation and rounding factors.
+        vmax = np.max(np.where(finite[..., None], absv[..., None, :, :], 0.0), axis=-2) if fallback.any() else 0.0
+        coarse = np.abs(o) + vmax * (1 + u_p) * (1 + gamma(n_acc, u_pv))[..., None] / np.maximum(
+            1 - gamma(n_acc, u_l), 1e-300
+        )[..., None] * (1 + u_div) * (1 + u_out) + half_subnormal(model.out)
     bound = err1 + err2 + err3 + err4
-
-    # Coarse rigorous fallback: the output is a weighted mean of V's rows
-    # inflated by the accumulation and rounding factors.
-    vmax = np.max(np.where(finite[..., None], absv[..., None, :, :], 0.0), axis=-2) if fallback.any() else 0.0
-    coarse = np.abs(o) + vmax * (1 + u_p) * (1 + gamma(n_acc, u_pv))[..., None] / np.maximum(
-        1 - gamma(n_acc, u_l), 1e-300
-    )[..., None] * (1 + u_div) * (1 + u_out) + half_subnormal(model.out)
     bound = np.where(fallback[..., None], coarse, bound)
     bound = np.where(masked_row[..., None], 0.0, bound)
 
@@ -264,6 +248,38 @@ def attention_bound(ref, model: PrecisionModel, *, attn_mask=None, block_n=None,
                           output_rounding=err4, max_weight_perturbation=E)
     terms["fallback_rows"] = int(fallback.sum())
     return Bound(out=bound, lse=lse_bound, fallback=fallback & ~masked_row, terms=terms)
+
+
+def _stored_output_terms(model, p, w, denom1, err1, o, absv, finite, n_keys, n_acc, fallback):
+    """§5s-§6s for a stored softmax: P~_j = fl_p(w~_j fl(1 / l~)) (relative
+    u_norm, or half a subnormal of ``p``), then O~ = fl(sum_j P~_j V_j) in
+    ``pv_acc`` with rounded products (2 n_keys operations that may each lose
+    a subnormal spacing), no final division. Returns (err2, err3, err4,
+    coarse) as the online path forms them."""
+    u_norm = normalise_unit(model)
+    u_out = 0.0 if model.out == model.pv_acc else unit(model.out)
+    g_pv = gamma(n_acc, unit(model.pv_acc, model.acc_rounding))[..., None]
+    theta = gamma(n_acc, unit(model.l_acc, model.acc_rounding))
+    th = np.where(theta >= 0.5, 0.0, theta)[..., None]
+    eta_p = half_subnormal(model.p)
+    # Perturbed probabilities w~_j / sum w~, underflowed weights included.
+    rho_up = (p + w) / denom1[..., None]
+    sum_pv = rho_up @ absv
+    n_vis = finite.astype(np.float64) @ absv  # sum over the row's visible keys of |V_j|
+    underflow = acc_underflow(2 * n_keys, model.pv_acc, model.acc_rounding)[..., None]
+    o_tilde = np.abs(o) + err1
+    # sum_j (w~_j / l~) V_j = O^ (sum w~ / l~): |.. - O^| <= |O^| theta / (1 - theta).
+    err2 = ((o_tilde * th + u_norm * sum_pv + g_pv * (1 + u_norm) * sum_pv) / (1 - th)
+            + (1 + g_pv) * eta_p * n_vis + underflow)
+    err3 = np.zeros_like(err2)
+    o_d = o_tilde + err2
+    err4 = u_out * o_d + (half_subnormal(model.out) if u_out else 0.0)
+    # Fallback: |O~| <= (1 + gamma) sum_j |P~_j| |V_j| + underflow, sum_j P~_j <= (1 + u_norm) / (1 - theta) + n eta_p.
+    vmax = np.max(np.where(finite[..., None], absv[..., None, :, :], 0.0), axis=-2) if fallback.any() else 0.0
+    p_sum = (1 + u_norm) / np.maximum(1 - gamma(n_acc, unit(model.l_acc, model.acc_rounding)), 1e-300) \
+        + n_keys * eta_p
+    coarse = np.abs(o) + (vmax * (1 + g_pv) * p_sum[..., None] + underflow) * (1 + u_out) + half_subnormal(model.out)
+    return err2, err3, err4, coarse
 
 
 def softmax_bound(x, model: PrecisionModel, *, online: bool = True) -> np.ndarray:

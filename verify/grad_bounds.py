@@ -4,8 +4,10 @@ precision model.
 `gradient_bound` bounds |dX_target - dX_exact| (X = Q, K, V) for a kernel
 that computes the FlashAttention-2 backward the way its `PrecisionModel`
 says (the contract of `flashcheck.kernels.numpy_backward`; the Triton kernel's
-backward follows it). The derivation, its assumptions and references are in
-docs/error-bounds-backward.md; the step numbers (B1 ...) refer to it.
+backward follows it), or, for a ``softmax="stored"`` model, torch's math
+backend's autograd backward (contract M1-M6 of the same module). The
+derivation, its assumptions and references are in
+docs/error-bounds-backward.md; the step numbers (B1 ..., M1 ...) refer to it.
 
 The bound is not first order only: every product of two perturbed
 quantities is bounded with both perturbations (|a~ b~ - a b| <=
@@ -24,20 +26,26 @@ import numpy as np
 from flashcheck.kernels.precision import FORMATS, PrecisionModel
 from flashcheck.verify.bound_terms import (
     EVAL_MARGIN,
+    SCALE_CONST_U,
+    acc_underflow,
     additive_mask_abs,
     dot_error,
     exp_underflow,
     exp_unit,
     gamma,
     half_subnormal,
+    key_errors,
     largest_terms,
     mask_logit_error,
     mask_unit,
     p_times_expm1,
     scale_constant_error,
+    scale_constant_unit,
     scaled_dot_error,
+    stored_p_error,
     tf32_operand_terms,
     unit,
+    weight_perturbation,
 )
 from flashcheck.verify.bounds import attention_bound
 
@@ -100,7 +108,9 @@ def gradient_bound(ref, model: PrecisionModel, *, dout, out_target=None, lse_tar
     given, their errors are measured a posteriori (|saved - oracle| + the
     oracle's certified error); otherwise the forward bound of
     `flashcheck.verify.bounds.attention_bound` is used. ``attn_mask`` is the case's
-    mask (only an additive one matters).
+    mask (only an additive one matters). A ``softmax="stored"`` model (the
+    math backend) keeps P from its forward and reads neither the output nor
+    an LSE: ``out_target`` and ``lse_target`` are ignored then.
 
     >>> import numpy as np
     >>> from flashcheck.verify.oracle import attention
@@ -125,6 +135,8 @@ def gradient_bound(ref, model: PrecisionModel, *, dout, out_target=None, lse_tar
         raise ValueError("dout is required: the output gradient the target received")
     if not np.isfinite(dO).all():
         raise ValueError("dout contains inf")
+    if model.softmax == "stored":
+        return _stored_gradient_bound(ref, model, dO, Hkv, attn_mask)
     out_t = _as_float64(out_target, "out_target", O.shape)
     lse_t = _as_float64(lse_target, "lse_target", ref.lse.shape)
 
@@ -199,12 +211,16 @@ def gradient_bound(ref, model: PrecisionModel, *, dout, out_target=None, lse_tar
     pt = np.swapaxes(e_ph, -1, -2)
     e_dv = _group_sum(pt @ absdo + np.swapaxes(ph_up, -1, -2) @ e_do, Hkv)
     e_dv = e_dv + gamma(n_v, u_acc) * _group_sum(np.swapaxes(ph_up, -1, -2) @ do_up, Hkv)
+    # Products that fall in fp32's subnormal range are rounded absolutely (fp32
+    # models: nothing rounds dV afterwards to hide it; found with one-hot fp32 cases).
+    e_dv = e_dv + (1 + gamma(n_v, u_acc)) * acc_underflow(2 * n_v, model.pv_acc, model.acc_rounding)
     dv_up = np.abs(ref.dv) + e_dv
     e_dv = e_dv + u_in * dv_up + (eta_in if u_in else 0.0)
 
     # --- B5: dP = dO V^T, D = rowsum(dO O), X = dP - D ----------------------
     absv = np.abs(v)
-    e_dp = dot_error(absdo, np.swapaxes(absv, -1, -2), Dv, u_dot, tf)
+    e_dp = dot_error(absdo, np.swapaxes(absv, -1, -2), Dv, u_dot, tf) \
+        + (1 + gamma(Dv, u_dot)) * acc_underflow(2 * Dv, model.qk_acc, model.acc_rounding)
     e_d = (absdo * e_o).sum(-1) + gamma(Dv, u32) * (absdo * o_up).sum(-1) + Dv * eta32 * (1 + gamma(Dv, u32))
     dp = dO @ np.swapaxes(v, -1, -2)
     Dvec = (dO * O).sum(-1)
@@ -230,10 +246,12 @@ def gradient_bound(ref, model: PrecisionModel, *, dout, out_target=None, lse_tar
     dst = np.swapaxes(ds_up, -1, -2)
     n_k = n_v
     acc_k = _group_sum(np.swapaxes(e_ds, -1, -2) @ absq + dst @ e_q, Hkv)
-    acc_k = acc_k + gamma(n_k, u_acc) * _group_sum(dst @ (absq + e_q), Hkv)
+    acc_k = acc_k + gamma(n_k, u_acc) * _group_sum(dst @ (absq + e_q), Hkv) \
+        + (1 + gamma(n_k, u_acc)) * acc_underflow(2 * n_k, model.pv_acc, model.acc_rounding)
     e_dk = scale * post * acc_k + (post - 1) * np.abs(ref.dk) + eta32
     n_q = finite.sum(-1, keepdims=True).astype(np.float64)
-    acc_q = e_ds @ absk + ds_up @ e_k + gamma(n_q, u_acc) * (ds_up @ (absk + e_k))
+    acc_q = e_ds @ absk + ds_up @ e_k + gamma(n_q, u_acc) * (ds_up @ (absk + e_k)) \
+        + (1 + gamma(n_q, u_acc)) * acc_underflow(2 * n_q, model.pv_acc, model.acc_rounding)
     e_dq = scale * post * acc_q + (post - 1) * np.abs(ref.dq) + eta32
     e_dk = e_dk + u_in * (np.abs(ref.dk) + e_dk) + (eta_in if u_in else 0.0)
     e_dq = e_dq + u_in * (np.abs(ref.dq) + e_dq) + (eta_in if u_in else 0.0)
@@ -265,4 +283,116 @@ def gradient_bound(ref, model: PrecisionModel, *, dout, out_target=None, lse_tar
             bad = big | over | ~(np.abs(exact) + e <= out_max)
         bounds.append(np.where(bad, np.inf, e))
     terms = largest_terms(p_recompute=e_p, delta=e_d, dp=e_dp, ds=e_ds, saved_out=e_o, saved_lse=e_lse)
+    return GradBound(dq=bounds[0], dk=bounds[1], dv=bounds[2], terms=terms)
+
+
+def _stored_gradient_bound(ref, model, dO, Hkv, attn_mask) -> GradBound:
+    """Steps M1-M6 of docs/error-bounds-backward.md: the math backend's
+    autograd backward with the stored P, Delta = rowsum(dP P) and the scale
+    folded into q and k as c~ = fl32(sqrt(scale)) each."""
+    q, k, v, s, P, O = ref.q, ref.k, ref.v, ref.s, ref.p, ref.out
+    H = q.shape[1]
+    G = H // Hkv
+    Dv = v.shape[-1]
+    scale = abs(float(ref.scale))
+    finite = np.isfinite(s)
+    masked_row = ~finite.any(-1)
+    u32, eta32 = unit("fp32"), half_subnormal("fp32")
+    u_dot = unit(model.qk_acc, model.acc_rounding)
+    u_acc = unit(model.pv_acc, model.acc_rounding)
+    u_in = 0.0 if model.input == model.pv_acc else unit(model.input)
+    eta_in = half_subnormal(model.input) if u_in else 0.0
+    c_up = np.sqrt(scale) * (1 + SCALE_CONST_U)  # bounds c~ = fl32(sqrt(scale))
+    cc_up = c_up**2
+    u_cc = scale_constant_unit(model)  # |c~^2 / scale - 1|
+    n_keys = finite.sum(-1)
+
+    # --- M1: the stored P, the forward's §3-§5s terms ---------------------
+    ke = key_errors(q, k, s, scale, model, attn_mask)
+    pe, _, ell, s_pe = weight_perturbation(s, P, ke.e_c, model)
+    theta = gamma(n_keys + 1, unit(model.l_acc, model.acc_rounding))  # the forward's n_acc for the sum l
+    e_p, e_sum = stored_p_error(P, pe, s_pe, theta, n_keys, ell, finite, model)
+    e_sum = np.where(masked_row, 0.0, e_sum)
+    p_up = P + e_p
+
+    # --- M2, M6: dV_h = P^T dO per head, summed over the group in fp32 -----
+    absdo, absv = np.abs(dO), np.abs(v)
+    n_v = _group_sum(np.swapaxes(finite, -1, -2).sum(-1, keepdims=True).astype(np.float64), Hkv)
+    g_v = gamma(n_v + G, u_acc)  # n_h products and sums in a head, G - 1 sums across heads
+    e_dv = _group_sum(np.swapaxes(e_p, -1, -2) @ absdo, Hkv) \
+        + g_v * _group_sum(np.swapaxes(p_up, -1, -2) @ absdo, Hkv) \
+        + (1 + g_v) * acc_underflow(2 * n_v + G, "fp32", model.acc_rounding)
+    dv_sum = (1 + g_v) * _group_sum(np.swapaxes(p_up, -1, -2) @ absdo, Hkv)
+    e_dv = e_dv + u_in * (np.abs(ref.dv) + e_dv) + eta_in
+
+    # --- M2: dP = dO V^T; exact D and X = dP - D in float64 ----------------
+    mag_dp = absdo @ np.swapaxes(absv, -1, -2)
+    e_dp = dot_error(absdo, np.swapaxes(absv, -1, -2), Dv, u_dot, 0.0) \
+        + (1 + gamma(Dv, u_dot)) * acc_underflow(2 * Dv, "fp32", model.acc_rounding)
+    dp = dO @ np.swapaxes(v, -1, -2)
+    e_o = (absdo * ref.err_bound).sum(-1)  # the oracle's O is certified, not exact
+    Dvec = (dO * O).sum(-1)
+    d_up = np.abs(Dvec) + e_o + gamma(Dv + 1, _U64) * (absdo * np.abs(O)).sum(-1)
+    mag_x64 = mag_dp + (absdo * np.abs(O)).sum(-1)[..., None]
+    absX = np.abs(dp - Dvec[..., None]) + gamma(Dv + 2, _U64) * mag_x64 + e_o[..., None]
+    dp_up = np.abs(dp) + gamma(Dv, _U64) * mag_dp + e_dp
+
+    # --- M3: Delta~ = fl(sum_j fl(dP~ P~)), centred on X --------------------
+    # sum_j dP~ P~ - D = sum_j (dP~ - dP) P~ + sum_j X_j (P~_j - P_j) + D (sum_j P~_j - 1).
+    e_delta = (e_dp * p_up).sum(-1) + (absX * e_p).sum(-1) + d_up * e_sum \
+        + gamma(n_keys, u32) * (dp_up * p_up).sum(-1) + acc_underflow(2 * n_keys, "fp32")
+    delta_up = d_up + e_delta
+
+    # --- M4: dS~ = P~ (dP~ - Delta~), in either evaluation order ------------
+    e_prod = e_p * absX + p_up * (e_dp + e_delta[..., None])
+    ds_exact = P * absX
+    # fl(fl(P dP) - P Delta) costs u P (|dP| + |Delta|) + u |dS|; it covers fl(P fl(dP - Delta)).
+    e_round = u32 * (1 + u32) * p_up * (dp_up + delta_up[..., None]) + u32 * (ds_exact + e_prod) + 4 * eta32
+    e_ds = np.where(finite, e_prod + e_round, 0.0)
+    ds_up = ds_exact + e_ds
+
+    # --- M5, M6: dq = fl32(fl(dS k_c) c~), dk = group sum of fl32(fl(dS_h^T q_c) c~) ---
+    absq, absk = np.abs(q), np.abs(k)
+
+    def scaled_gemm(e_mat, up_mat, operand, n):
+        """Error of fl32(fl(A B_c) c~) against c~^2 (A B) with |A~ - A| <= e_mat,
+        B_c = fl32(B c~), and the magnitude sum |A|~ |B| it is charged on."""
+        g = gamma(n, u_acc)
+        z = up_mat @ operand
+        inner = c_up * (e_mat @ operand + ((1 + u32) * (1 + g) - 1) * z) \
+            + (1 + g) * eta32 * up_mat.sum(-1, keepdims=True) + acc_underflow(2 * n, "fp32", model.acc_rounding)
+        return c_up * (1 + u32) * inner + u32 * cc_up * z + eta32, z
+
+    n_q = finite.sum(-1, keepdims=True).astype(np.float64)
+    e_dq, z_q = scaled_gemm(e_ds, ds_up, absk, n_q)
+    e_dq = e_dq + u_cc * np.abs(ref.dq)
+    n_kh = np.swapaxes(finite, -1, -2).sum(-1, keepdims=True).astype(np.float64)
+    e_kh, z_k = scaled_gemm(np.swapaxes(e_ds, -1, -2), np.swapaxes(ds_up, -1, -2), absq, n_kh)
+    g_g = gamma(G - 1, u32)
+    e_dk = _group_sum(e_kh, Hkv) * (1 + g_g) + g_g * cc_up * _group_sum(z_k, Hkv) + G * eta32 \
+        + u_cc * np.abs(ref.dk)
+    e_dq = e_dq + u_in * (np.abs(ref.dq) + e_dq) + eta_in
+    e_dk = e_dk + u_in * (np.abs(ref.dk) + e_dk) + eta_in
+
+    # --- where the model does not apply: overflow ---------------------------
+    half32 = FORMATS["fp32"].max / 2
+    big = bool(np.max(np.where(finite, ke.mag + ke.a, 0.0), initial=0.0) > FORMATS[model.logits].max / 4) \
+        or not np.all(np.isfinite(e_p))
+    # A partial sum of n terms is at most (1 + gamma_n) times the sum of their magnitudes.
+    dp_partial = (1 + gamma(Dv, u_dot)) * mag_dp + e_dp
+    delta_partial = (1 + gamma(n_keys, u32)) * (dp_partial * p_up).sum(-1)
+    pair_over = (dp_partial > half32) | (delta_partial[..., None] > half32) | (delta_up[..., None] > half32)
+    pair_over |= (p_up * (dp_up + delta_up[..., None]) > half32) | (ds_up > half32)
+    over_q = pair_over.any(-1, keepdims=True) | (cc_up * (1 + u32) * (1 + gamma(n_q, u_acc)) * z_q > half32)
+    over_k = _group_sum(np.swapaxes(pair_over, -1, -2).any(-1, keepdims=True).astype(np.float64), Hkv) > 0
+    over_k = over_k | (cc_up * (1 + u32) * (1 + gamma(n_v, u_acc)) * (1 + g_g) * _group_sum(z_k, Hkv) > half32)
+    over_v = dv_sum > half32
+    out_max = FORMATS[model.input].max
+    bounds = []
+    for e, exact, over in ((e_dq, ref.dq, over_q), (e_dk, ref.dk, over_k), (e_dv, ref.dv, over_v)):
+        e = e * EVAL_MARGIN
+        with np.errstate(invalid="ignore"):
+            bad = big | over | ~(np.abs(exact) + e <= out_max)
+        bounds.append(np.where(bad, np.inf, e))
+    terms = largest_terms(p_stored=e_p, delta=e_delta, dp=e_dp, ds=e_ds)
     return GradBound(dq=bounds[0], dk=bounds[1], dv=bounds[2], terms=terms)
