@@ -189,6 +189,7 @@ def from_float64(x, fmt) -> np.ndarray:
 
 _EXP_IMPLS = ("exact", "exp2")
 _SOFTMAX_KINDS = ("online", "stored")
+_GQA_SUMS = ("rounded", "acc")
 _SCALINGS = ("logits", "sqrt-qk")
 
 
@@ -245,6 +246,17 @@ class PrecisionModel:
             multiplied by it (q by -c for a negative scale), each product
             rounded to fp32, before the dot products, whose result is the
             logit. Requires ``softmax="stored"``.
+        gqa_sum: how the backward reduces dK and dV over the query heads of
+            a GQA group (``softmax="online"`` models; the stored-P backward
+            is plain autograd, which sums in fp32). "rounded" (the default,
+            and what torch's fused SDPA backends were seen to do: the CPU
+            flash backend's GQA dK equals per-head results summed): each
+            query head's dK, dV may be rounded to the input dtype first, then
+            summed in fp32 and rounded again, as flash-attn's
+            ``dk_expanded.sum`` and autograd through ``repeat_interleave`` do;
+            it also covers "acc". "acc": the heads' contributions are
+            accumulated in ``pv_acc`` and rounded once (the project's Triton
+            kernel and the NumPy emulation).
         name: a label.
     """
 
@@ -264,6 +276,7 @@ class PrecisionModel:
     div_rel_err: float = 0.0
     softmax: str = "online"
     scaling: str = "logits"
+    gqa_sum: str = "rounded"
     name: str = "custom"
 
     def __post_init__(self):
@@ -279,6 +292,8 @@ class PrecisionModel:
             value = getattr(self, field)
             if not (0.0 <= value < 1e-2):
                 raise ValueError(f"{field} must be in [0, 1e-2), got {value!r}")
+        if self.gqa_sum not in _GQA_SUMS:
+            raise ValueError(f"gqa_sum must be one of {_GQA_SUMS}, got {self.gqa_sum!r}")
         if self.softmax not in _SOFTMAX_KINDS:
             raise ValueError(f"softmax must be one of {_SOFTMAX_KINDS}, got {self.softmax!r}")
         if self.scaling not in _SCALINGS:

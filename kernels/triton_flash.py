@@ -789,5 +789,6 @@ def precision_model(dtype, allow_tf32: bool = False, device: str = "cuda") -> Pr
         exp_impl="exp2",
         exp_rel_err=EX2_APPROX_REL_ERR if gpu else INTERP_EXP2_REL_ERR,
         acc_rounding="zero" if gpu else "nearest",
+        gqa_sum="acc",  # the dK/dV kernel accumulates a group's query heads in fp32
         name=f"triton-flash-{name}{'-tf32' if allow_tf32 and gpu and name == 'fp32' else ''}-{device}",
     )

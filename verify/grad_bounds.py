@@ -72,6 +72,22 @@ def _group_sum(x, hkv):
     return x.reshape(B, hkv, H // hkv, N, C).sum(axis=2)
 
 
+def _per_head_rounding(mag, err, group: int, model: PrecisionModel, u_in: float, eta_in: float):
+    """B4a: the extra error of reducing a GQA group after rounding each query
+    head's result to the input dtype (``model.gqa_sum == "rounded"``); 0 for
+    MHA, for ``"acc"``, and when the input format is the accumulator's.
+    ``mag`` bounds the sum over the group of the heads' computed magnitudes,
+    ``err`` the error so far. Each head's rounding costs u_in of its value
+    plus half a subnormal; the fp32 sum of the ``group`` rounded values adds
+    gamma_{group-1}(u32) of their magnitudes and, in fp32's subnormal range,
+    the absolute losses of `acc_underflow`."""
+    if group == 1 or model.gqa_sum != "rounded" or not u_in:
+        return 0.0
+    rounded = u_in * mag + group * eta_in
+    return rounded + gamma(group - 1, unit("fp32")) * (mag + rounded) \
+        + acc_underflow(2 * group, "fp32", model.acc_rounding)
+
+
 def _check_ref(ref):
     for name in ("q", "k", "v", "s", "p", "out", "lse", "scale", "err_bound", "lse_err_bound", "dk"):
         if getattr(ref, name, None) is None:
@@ -214,6 +230,9 @@ def gradient_bound(ref, model: PrecisionModel, *, dout, out_target=None, lse_tar
     # Products that fall in fp32's subnormal range are rounded absolutely (fp32
     # models: nothing rounds dV afterwards to hide it; found with one-hot fp32 cases).
     e_dv = e_dv + (1 + gamma(n_v, u_acc)) * acc_underflow(2 * n_v, model.pv_acc, model.acc_rounding)
+    e_dv = e_dv + _per_head_rounding(
+        (1 + gamma(n_v, u_acc)) * _group_sum(np.swapaxes(ph_up, -1, -2) @ do_up, Hkv) + e_dv, e_dv, H // Hkv,
+        model, u_in, eta_in)
     dv_up = np.abs(ref.dv) + e_dv
     e_dv = e_dv + u_in * dv_up + (eta_in if u_in else 0.0)
 
@@ -249,6 +268,8 @@ def gradient_bound(ref, model: PrecisionModel, *, dout, out_target=None, lse_tar
     acc_k = acc_k + gamma(n_k, u_acc) * _group_sum(dst @ (absq + e_q), Hkv) \
         + (1 + gamma(n_k, u_acc)) * acc_underflow(2 * n_k, model.pv_acc, model.acc_rounding)
     e_dk = scale * post * acc_k + (post - 1) * np.abs(ref.dk) + eta32
+    mag_k = scale * post * (1 + gamma(n_k, u_acc)) * _group_sum(dst @ (absq + e_q), Hkv) + eta32
+    e_dk = e_dk + _per_head_rounding(mag_k + e_dk, e_dk, H // Hkv, model, u_in, eta_in)
     n_q = finite.sum(-1, keepdims=True).astype(np.float64)
     acc_q = e_ds @ absk + ds_up @ e_k + gamma(n_q, u_acc) * (ds_up @ (absk + e_k)) \
         + (1 + gamma(n_q, u_acc)) * acc_underflow(2 * n_q, model.pv_acc, model.acc_rounding)

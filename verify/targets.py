@@ -244,6 +244,11 @@ def _sdpa_model(dtype: str, device: str) -> PrecisionModel:
     return get_model(name + GPU_SUFFIX if device == "cuda" else name, dtype)
 
 
+def _math_model(dtype: str, device: str) -> PrecisionModel:
+    # The math backend is an autograd graph of fp32 tensor ops (kernels/models.py, "math").
+    return get_model("math" + GPU_SUFFIX if device == "cuda" else "math", dtype)
+
+
 def _flash_attn(case: Case, device: str) -> TargetOutput:
     import flash_attn
 
@@ -473,7 +478,8 @@ def resolve_target(spec: str, model_name: str | None = None) -> Target:
     if spec == "numpy-tiled":
         return Target(spec, _numpy_tiled(model_name), None, model_name)
     if spec in SDPA_BACKENDS:
-        return Target(spec, _sdpa(SDPA_BACKENDS[spec]), _sdpa_model, model_name)
+        return Target(spec, _sdpa(SDPA_BACKENDS[spec]), _math_model if spec == "sdpa-math" else _sdpa_model,
+                      model_name)
     if spec == "flash-attn":
         try:
             importlib.import_module("flash_attn")

@@ -1,0 +1,303 @@
+"""Reproducer: torch SDPA, CUDNN_ATTENTION backend, grad-wrong.
+
+The bug: a gradient's error at the failing element exceeds the certified
+    bound.
+What went wrong: gradient: dq error 6.87e-07 exceeds bound 4.49e-07 at (0,
+    0, 0, 20) (ratio 1.53, model fa2+gpu); row (0, 0, 0): row in last
+    partial query tile, row sees the last partial key tile
+Signature: sdpa-cudnn | grad-wrong | dq gradient beyond the bound
+Case: fp16, B=1 H=1 Hkv=1 Nq=1 Nk=2 D=32 Dv=8, not causal, no attn_mask,
+    default scale, contiguous layout, fa3-outliers magnitudes
+What is special: row in last partial query tile; row sees the last partial
+    key tile; Dv != D; Nq not a multiple of 64; Nk not a multiple of 64;
+    single query; magnitude fa3-outliers; dO tiny
+Found on: device cuda, python 3.12.3, torch 2.11.0+cu130, date 2026-11-22
+    21:43:53, gpu NVIDIA H100 80GB HBM3
+
+The backward: q, k, v require grad, and dq, dk, dv =
+    torch.autograd.grad(out, (q, k, v), do), with do (the output gradient)
+    among the exact inputs.
+Needs torch. Usage: python repro.py [--device DEV] [--dump PATH]
+(--dump saves the inputs' bit patterns and strides to PATH and stops).
+Exit status: 1 bug reproduced, 0 not reproduced, 2 the call or its backward
+    raised instead.
+"""
+
+import argparse
+import math
+import platform
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+DEVICE = "cuda"  # where it was found; --device overrides it
+CASE = (
+    "fp16, B=1 H=1 Hkv=1 Nq=1 Nk=2 D=32 Dv=8, not causal, no attn_mask, "
+    "default scale, contiguous layout, fa3-outliers magnitudes"
+)
+AT = (0, 0, 0, 20)  # failing element of dq (b, h, i, d)
+GRADIENT = "dq"  # the failing gradient
+ALLOWED = 4.490664531669748e-07  # |observed - expected| allowed at AT
+ALLOWED_MAX = 4.490664531669748e-07  # the largest error allowed in dq
+MODEL = 'fa2+gpu'  # the precision model the bound is for
+
+
+# -- inputs: the exact bits of the failing run --------------------------------
+
+
+def lay_out(t):
+    """The case's layout: contiguous (B, H, N, D), row-major."""
+    return t.contiguous()
+
+
+def from_bits(bits, dtype, shape):
+    """The tensor of `dtype` whose raw bit patterns are the integers
+    `bits` (so every value, NaN payloads and subnormals included, is
+    exact)."""
+    int_dtype = {torch.float16: torch.int16, torch.bfloat16: torch.int16,
+                 torch.float32: torch.int32, torch.float64: torch.int64}[dtype]
+    return torch.tensor(bits, dtype=int_dtype).view(dtype).reshape(shape)
+
+
+def make_inputs(device):
+    """q, k, v and do, the output gradient (in the case's memory
+    layout), and attn_mask on `device`."""
+    q = lay_out(from_bits(Q_BITS, torch.float16, (1, 1, 1, 32)).to(device))
+    k = lay_out(from_bits(K_BITS, torch.float16, (1, 1, 2, 32)).to(device))
+    v = lay_out(from_bits(V_BITS, torch.float16, (1, 1, 2, 8)).to(device))
+    do = lay_out(from_bits(DO_BITS, torch.float16, (1, 1, 1, 8)).to(device))
+    attn_mask = None
+    return q, k, v, attn_mask, do
+
+
+# -- the call under test ------------------------------------------------------
+
+
+def run_kernel(q, k, v, attn_mask):
+    """The failing call: SDPA with the CUDNN_ATTENTION backend forced."""
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=0.0,
+            is_causal=False, scale=None, enable_gqa=False)
+
+
+# -- expected values: float64 attention on the same inputs --------------------
+
+
+def repeat_kv(t, num_heads):
+    """GQA/MQA: kv head j serves query heads j * g .. (j + 1) * g - 1, where
+    g = num_heads // Hkv (heads are dim 1)."""
+    return t.repeat_interleave(num_heads // t.shape[1], dim=1)
+
+
+def visible_keys(q, k, attn_mask, is_causal):
+    """(B, H, Nq, Nk) bool, on the CPU: may query i attend to key j?"""
+    B, H, Nq, Nk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    visible = torch.ones(Nq, Nk, dtype=torch.bool)
+    if is_causal:
+        visible = visible.tril()  # top-left aligned: j <= i
+    visible = visible.expand(B, H, Nq, Nk)
+    if attn_mask is not None:
+        mask = attn_mask.cpu()
+        if mask.dtype == torch.bool:
+            visible = visible & mask  # True = attend
+        else:
+            visible = visible & (mask != float("-inf"))  # additive
+    return visible.expand(B, H, Nq, Nk)
+
+
+def reference_attention(q, k, v, attn_mask, is_causal, scale, enable_gqa):
+    """softmax(q k^T * scale + mask) v in float64 on the CPU, from the exact
+    inputs, with scaled_dot_product_attention's semantics. (enable_gqa only
+    permits Hkv < H; the mapping is repeat_kv's.) Differentiable in q, k, v
+    when they are float64 CPU tensors that require grad."""
+    visible = visible_keys(q, k, attn_mask, is_causal)
+    q, k, v = (t.to("cpu", torch.float64) for t in (q, k, v))
+    k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = (q @ k.transpose(-2, -1)) * scale
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        scores = scores + attn_mask.cpu().to(torch.float64)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    # A row with no visible key would be 0/0 = NaN; SDPA's math and efficient
+    # backends return 0 for it, and so does this reference. Its scores are
+    # set to 0 first, so that no NaN reaches the backward either: its
+    # gradients come out exactly 0.
+    empty = ~visible.any(-1, keepdim=True)
+    scores = scores.masked_fill(empty, 0.0)
+    out = torch.softmax(scores, dim=-1) @ v
+    return out.masked_fill(empty, 0.0)
+
+
+def reference_gradients(q, k, v, attn_mask, do, is_causal, scale, enable_gqa):
+    """(dq, dk, dv) of reference_attention for the output gradient `do`,
+    by float64 autograd on the CPU from the exact inputs. dk and dv are
+    summed over the query heads that share a kv head."""
+    q, k, v = (t.detach().to("cpu", torch.float64).requires_grad_()
+               for t in (q, k, v))
+    out = reference_attention(q, k, v, attn_mask, is_causal, scale,
+                              enable_gqa)
+    return torch.autograd.grad(out, (q, k, v), do.to("cpu", torch.float64))
+
+
+# -- does the bug show? -------------------------------------------------------
+
+
+def run_backward(q, k, v, attn_mask, do):
+    """The failing call with q, k, v requiring grad, then its backward:
+    torch.autograd.grad(out, (q, k, v), do). Returns ((dq, dk, dv), None),
+    or (None, what raised: "the call" or "the backward")."""
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    what = "the call"
+    try:
+        out = run_kernel(q, k, v, attn_mask)
+        if out.is_cuda:
+            torch.cuda.synchronize()  # CUDA errors surface asynchronously
+        what = "the backward"
+        grads = torch.autograd.grad(out, (q, k, v), do)
+        if out.is_cuda:
+            torch.cuda.synchronize()
+    except Exception as exc:
+        print(f"{what} raised {type(exc).__name__}: {exc}")
+        return None, what
+    return grads, None
+
+
+def far_from_overflow(expected, dtype):
+    """Elements whose expected value is finite and at most half the largest
+    value of `dtype`. flashcheck does not judge elements whose certified
+    bound allows overflow; this stands in for its rule."""
+    return expected.abs() <= torch.finfo(dtype).max / 2
+
+
+def largest_error(name, observed, expected, judged):
+    """The largest |observed - expected| of gradient `name` over the
+    elements in `judged` (NaN counts inf), printed and returned."""
+    error = (observed - expected).abs().nan_to_num(nan=math.inf)
+    error = torch.where(judged, error, 0.0)
+    if not error.numel():
+        return 0.0
+    worst = float(error.max())
+    at = tuple(int(i) for i in (error == worst).nonzero()[0])
+    print(f"max |observed - expected| over {name}: {worst!r} at {at}")
+    return worst
+
+
+def show_gradient_row(observed, expected, at, width=2):
+    """Observed and expected GRADIENT at `at` and its neighbours."""
+    b, h, i, d = at
+    lo, hi = max(0, d - width), min(observed.shape[-1], d + width + 1)
+    print(f"{GRADIENT} of query (b={b}, h={h}, i={i}),",
+          f"dims {lo}..{hi - 1}:")
+    print(f"{'d':>6} {'observed':>24} {'expected (float64)':>24}")
+    for j in range(lo, hi):
+        mark = "  <-" if j == d else ""
+        got, want = float(observed[b, h, i, j]), float(expected[b, h, i, j])
+        print(f"{j:>6} {got!r:>24} {want!r:>24}{mark}")
+
+
+def check(q, k, v, attn_mask, do):
+    """Run the call and its backward; the bug shows if a gradient's
+    error at the failing element exceeds the certified bound."""
+    grads, raised = run_backward(q, k, v, attn_mask, do)
+    if raised:
+        print("not reproduced (gradients were expected)")
+        return 2
+    index = ("dq", "dk", "dv").index(GRADIENT)
+    dtype = grads[index].dtype
+    observed = grads[index].detach().to("cpu", torch.float64)
+    expected = reference_gradients(
+        q, k, v, attn_mask, do,
+        is_causal=False, scale=None, enable_gqa=False)[index]
+    if observed.shape != expected.shape:
+        print(f"{GRADIENT} shape {tuple(observed.shape)}, expected "
+              f"{tuple(expected.shape)}")
+        return 2
+    show_gradient_row(observed, expected, AT)
+    judged = far_from_overflow(expected, dtype)
+    worst = largest_error(GRADIENT, observed, expected, judged)
+    error = abs(float(observed[AT]) - float(expected[AT]))
+    print(f"at {AT}: |observed - expected| = {error!r}, allowed {ALLOWED!r}")
+    print("(allowed: flashcheck's certified error bound at this element for "
+          f"the precision model {MODEL!r})")
+    print(f"largest error anywhere in {GRADIENT} {worst!r}; the largest "
+          f"bound anywhere is {ALLOWED_MAX!r}")
+    # A NaN error counts as the bug. Some kernels go wrong at different
+    # elements from run to run, so an error above every element's bound
+    # counts too (away from overflow, where no bound holds).
+    bug = not error <= ALLOWED or worst > ALLOWED_MAX
+    print("bug reproduced" if bug else "not reproduced")
+    return 1 if bug else 0
+
+
+def print_versions(device):
+    print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, "
+          f"cuDNN {torch.backends.cudnn.version()}")
+    if torch.device(device).type == "cuda":
+        print(f"device {device}: {torch.cuda.get_device_name(device)}")
+    else:
+        print(f"device {device}: {platform.processor() or platform.machine()}")
+
+
+def dump(path, **tensors):
+    """Save each tensor's raw bit patterns and strides to `path` (.npz)."""
+    import numpy as np
+
+    arrays = {}
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if t.dtype.is_floating_point:
+            int_dtype = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+            t = t.view(int_dtype[t.element_size()])
+        arrays[name] = t.cpu().contiguous().numpy()
+        arrays[name + "_strides"] = np.array(t.stride())
+    np.savez(path, **arrays)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default=DEVICE)
+    parser.add_argument("--dump", metavar="PATH",
+                        help="save the inputs (bits, strides) to PATH; stop")
+    args = parser.parse_args()
+    print_versions(args.device)
+    print("case:", CASE)
+    q, k, v, attn_mask, do = make_inputs(args.device)
+    if args.dump:
+        dump(args.dump, q=q, k=k, v=v, attn_mask=attn_mask, do=do)
+        return 0
+    return check(q, k, v, attn_mask, do)
+
+
+# -- data ---------------------------------------------------------------------
+
+
+# Raw bit patterns (float16 as int16), flattened in (B, H, N, D) order.
+Q_BITS = [
+    -24048, 14843, -17003, -17247, 15394, -19058, -18140, -17816, -16598,
+    12903, -17700, -17381, -20854, -18542, -17599, -18682, -17347, 15406,
+    16189, -17474, 15343, -21484, 14498, 14592, 16001, 15079, 14793, 14832,
+    13361, 13883, -17285, 13787
+]
+K_BITS = [
+    -17360, -18754, 16164, -17315, -19235, -18332, -16890, -18548, -17253,
+    16097, -18265, -17169, 14816, -17944, 14788, -18981, 15487, 14494, -17497,
+    15834, 9034, 16061, 13211, -17054, 12598, 13597, -16700, -17619, 12839,
+    13193, 14563, 11342, -17776, -17745, -17303, -19059, -19135, -16832,
+    -17575, 10387, 15210, 15065, -16792, -16375, -20957, -20407, -19218, 14965,
+    14496, 11190, 13849, -17341, -12905, 16534, -18277, 13826, -17374, -17052,
+    12091, 15016, -17952, -19248, -14389, -17484
+]
+V_BITS = [
+    12753, -20083, 16355, 15668, -17306, 14899, -16840, 14972, -18406, 14190,
+    -18370, 15487, -20806, 15477, 13639, 15162
+]
+DO_BITS = [-32731, 1808, -32196, 891, 311, 3548, -29108, -32138]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
