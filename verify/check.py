@@ -136,7 +136,8 @@ class GradJudgement:
 GRADS = ("dq", "dk", "dv")
 
 
-def judge_gradients(case: Case, dq, dk, dv, *, model: PrecisionModel, out, lse=None, ref=None) -> GradJudgement:
+def judge_gradients(case: Case, dq, dk, dv, *, model: PrecisionModel, out, lse=None, ref=None,
+                    bounds: dict | None = None) -> GradJudgement:
     """Verdict on a target's gradients for ``case`` under ``model``.
 
     ``case.do`` is the output gradient the target was given; ``out`` (and
@@ -150,8 +151,9 @@ def judge_gradients(case: Case, dq, dk, dv, *, model: PrecisionModel, out, lse=N
     the bound is infinite the model does not apply (overflow): nothing is
     asserted there, and ``judged`` says how much was. ``ref``: the oracle's
     result with gradients and intermediates (``keep=True``), to save
-    recomputing it. Finite inputs only (the gradient semantics of NaN/Inf
-    are not judged).
+    recomputing it. ``bounds``: a dict kept for one case (and one ``ref``):
+    targets whose forward saved the same output and LSE share one bound.
+    Finite inputs only (the gradient semantics of NaN/Inf are not judged).
     """
     if not isinstance(case, Case):
         raise TypeError(f"judge_gradients needs a flashcheck.properties.case.Case, got {type(case).__name__}")
@@ -170,7 +172,14 @@ def judge_gradients(case: Case, dq, dk, dv, *, model: PrecisionModel, out, lse=N
     lt = None if lse is None or o is None else to_float64(lse)
     if lt is not None and (lt.shape != ref.lse.shape or np.isnan(lt).any()):
         lt = None
-    bound = gradient_bound(ref, model, dout=case.do, out_target=o, lse_target=lt, attn_mask=case.attn_mask)
+    key = ("grad", model, _digest(o), _digest(lt))
+    bound = None if bounds is None else bounds.get(key)
+    if bound is None:
+        # Where an intermediate can overflow the bound is inf or NaN: "model not applicable", not judged.
+        with np.errstate(invalid="ignore", over="ignore"):
+            bound = gradient_bound(ref, model, dout=case.do, out_target=o, lse_target=lt, attn_mask=case.attn_mask)
+        if bounds is not None:
+            bounds[key] = bound
     j = GradJudgement("pass", None, {}, {}, bound)
     for name, got in zip(GRADS, (dq, dk, dv)):
         g, exact = to_float64(got), getattr(ref, name)
@@ -198,6 +207,14 @@ def judge_gradients(case: Case, dq, dk, dv, *, model: PrecisionModel, out, lse=N
             _grad_failure(j, "grad-wrong", name, f"{name} error {err[at]:.3g} exceeds bound {b[at]:.3g} at {at} "
                           f"(ratio {ratio:.3g}, model {model.name})", at, float(allowed[at]))
     return j
+
+
+def _digest(x) -> str | None:
+    if x is None:
+        return None
+    import hashlib
+
+    return hashlib.sha1(np.ascontiguousarray(x).tobytes()).hexdigest() + str(x.shape)
 
 
 def _grad_failure(j: GradJudgement, kind, name, reason, at=(), allowed=None) -> None:
@@ -384,7 +401,7 @@ def run_case(case: Case, target, *, device: str = "cpu", ref=None, baseline: boo
             name = _exception_symptom(warm_fault.kind, warm_fault.what)
             _describe_failure(result, warm_fault.kind, symptom=f"{name}, not reproduced in a fresh process")
     if case.do is not None:
-        _judge_backward(result, case, produced, model, ref, forward_failed=j.verdict == "fail")
+        _judge_backward(result, case, produced, model, ref, forward_failed=j.verdict == "fail", bounds=bounds)
     if baseline and ref is not None and j.metrics is not None and np.isfinite(j.metrics.max_abs_err):
         base_err = baseline_error(case, ref) if baseline_err is None else baseline_err
         if np.isfinite(base_err):  # the naive baseline itself may overflow or give NaN
@@ -393,7 +410,7 @@ def run_case(case: Case, target, *, device: str = "cpu", ref=None, baseline: boo
 
 
 def _judge_backward(result: CaseResult, case: Case, produced, model: PrecisionModel, ref,
-                    forward_failed: bool) -> None:
+                    forward_failed: bool, bounds: dict | None = None) -> None:
     """Judge the gradients a target returned (``result.grad``); a gradient
     failure fails the row when its forward passed (a failing forward names
     the row's failure; its gradients are still judged and recorded)."""
@@ -430,7 +447,8 @@ def _judge_backward(result: CaseResult, case: Case, produced, model: PrecisionMo
             return
     if ref.dq is None:
         ref = _oracle.attention_case(case, keep=True, with_grad=True)
-    j = judge_gradients(case, *produced.grads, model=model, out=produced.out, lse=produced.lse, ref=ref)
+    j = judge_gradients(case, *produced.grads, model=model, out=produced.out, lse=produced.lse, ref=ref,
+                        bounds=bounds if ref is not None else None)
     grad.update(verdict=j.verdict, reason=j.reason,
                 ratio=max((r for r in j.ratios.values()), default=None),
                 judged=round(min(j.judged.values(), default=1.0), 4))
