@@ -18,7 +18,7 @@ import numpy as np
 
 from flashcheck.kernels.precision import format_of
 
-__all__ = ["LAYOUTS", "Case"]
+__all__ = ["LAYOUTS", "Case", "numpy_to_torch"]
 
 #: "contiguous": (B, H, N, D) row-major.
 #: "bnhd": allocated as (B, N, H, D) and transposed, the layout of most models.
@@ -120,13 +120,13 @@ class Case:
         """(q, k, v, attn_mask) as torch tensors on ``device`` with the same
         bits, laid out as ``self.layout`` says."""
         def convert(arr, grad):
-            t = _apply_layout(_numpy_to_torch(arr).to(device), self.layout)
+            t = _apply_layout(numpy_to_torch(arr).to(device), self.layout)
             return t.requires_grad_(True) if grad else t
 
         q, k, v = (convert(a, requires_grad) for a in (self.q, self.k, self.v))
         mask = None
         if self.attn_mask is not None:
-            mask = _numpy_to_torch(self.attn_mask).to(device)
+            mask = numpy_to_torch(self.attn_mask).to(device)
         return q, k, v, mask
 
     def do_torch(self, device="cpu"):
@@ -134,7 +134,7 @@ class Case:
         same bits, in ``self.layout`` (None when the case has none)."""
         if self.do is None:
             return None
-        return _apply_layout(_numpy_to_torch(self.do).to(device), self.layout)
+        return _apply_layout(numpy_to_torch(self.do).to(device), self.layout)
 
     def replace(self, **changes) -> Case:
         return dataclasses.replace(self, **changes)
@@ -182,7 +182,9 @@ class Case:
         )
 
 
-def _numpy_to_torch(arr: np.ndarray):
+def numpy_to_torch(arr: np.ndarray):
+    """A NumPy array of a storage dtype (ml_dtypes.bfloat16 included) as a
+    torch tensor with the same bits (a copy)."""
     import torch
 
     if arr.dtype.name == "bfloat16":

@@ -136,16 +136,14 @@ def _clip(r: float, lo: float, hi: float) -> float:
     return min(max(r, lo), hi)
 
 
-def _ratio_vs_nk(rows, targets, dtypes) -> str:
-    ran = [(r, effective_ratio(r)) for r in rows if r.get("Nk") is not None]
-    ran = [(r, x) for r, x in ran if x is not None]
-    if not ran:
-        return '<p class="note">No rows with a ratio and a sequence length to plot.</p>'
-    lo, hi = _plot_range([x for _, x in ran])
-    fig, axes = _figure(len(dtypes))
-    for ax, dtype in zip(axes, dtypes):
+def _scatter_vs_nk(panels: dict, targets) -> str:
+    """One log-log panel per key of ``panels`` ({title: [(row, ratio)]}):
+    error/bound against Nk, one marker per target, dashed line at 1."""
+    lo, hi = _plot_range([x for pts in panels.values() for _, x in pts])
+    fig, axes = _figure(len(panels))
+    for ax, (title, pts_all) in zip(axes, panels.items()):
         for i, target in enumerate(targets):
-            pts = [(r["Nk"], x) for r, x in ran if r["dtype"] == dtype and r["target"] == target]
+            pts = [(r["Nk"], x) for r, x in pts_all if r["target"] == target]
             if not pts:
                 continue
             shift = 2 ** (0.06 * (i - (len(targets) - 1) / 2))  # keep targets apart on shared Nk
@@ -156,8 +154,16 @@ def _ratio_vs_nk(rows, targets, dtypes) -> str:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_ylim(lo / 1.5, hi * 1.5)
-        _label(ax, dtype, "Nk (keys per query)", "error / bound")
+        _label(ax, title, "Nk (keys per query)", "error / bound")
     return _png(fig)
+
+
+def _ratio_vs_nk(rows, targets, dtypes) -> str:
+    ran = [(r, effective_ratio(r)) for r in rows if r.get("Nk") is not None]
+    ran = [(r, x) for r, x in ran if x is not None]
+    if not ran:
+        return '<p class="note">No rows with a ratio and a sequence length to plot.</p>'
+    return _scatter_vs_nk({d: [(r, x) for r, x in ran if r["dtype"] == d] for d in dtypes}, targets)
 
 
 def _grad_ratio(row: dict, name: str) -> float | None:
@@ -169,26 +175,10 @@ def _grad_ratio(row: dict, name: str) -> float | None:
 
 def _grad_ratio_vs_nk(rows, targets) -> str:
     """One panel per gradient (dQ, dK, dV): error/bound against Nk."""
-    pts_all = [(r, g, x) for r in rows for g in GRADS if (x := _grad_ratio(r, g)) is not None and r.get("Nk")]
-    if not pts_all:
+    panels = {g: [(r, x) for r in rows if r.get("Nk") and (x := _grad_ratio(r, g)) is not None] for g in GRADS}
+    if not any(panels.values()):
         return '<p class="note">No gradient was judged.</p>'
-    lo, hi = _plot_range([x for _, _, x in pts_all])
-    fig, axes = _figure(len(GRADS))
-    for ax, name in zip(axes, GRADS):
-        for i, target in enumerate(targets):
-            pts = [(r["Nk"], x) for r, g, x in pts_all if g == name and r["target"] == target]
-            if not pts:
-                continue
-            shift = 2 ** (0.06 * (i - (len(targets) - 1) / 2))
-            ax.scatter([n * shift for n, _ in pts], [_clip(x, lo, hi) for _, x in pts],
-                       marker=_MARKERS[i % len(_MARKERS)], color=_COLORS[i % len(_COLORS)],
-                       alpha=0.6, s=22, label=target)
-        ax.axhline(1.0, color="k", lw=1, ls="--")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_ylim(lo / 1.5, hi * 1.5)
-        _label(ax, name, "Nk (keys per query)", "error / bound")
-    return _png(fig)
+    return _scatter_vs_nk(panels, targets)
 
 
 def _grad_table(summary) -> str:

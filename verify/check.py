@@ -365,13 +365,9 @@ def run_case(case: Case, target, *, device: str = "cpu", ref=None, baseline: boo
         result.seconds = time.perf_counter() - start
         warm_fault = None
     out = produced.out
-    expected = format_of(case.q.dtype)
-    try:
-        got = format_of(out)
-    except (TypeError, ValueError):
-        got = None
-    if got is not expected:
-        result.reason = f"output dtype {getattr(out, 'dtype', type(out))}, expected {expected.name}"
+    wrong = _wrong_dtype(out, case, "output")
+    if wrong:
+        result.reason = wrong
         _describe_failure(result, "dtype")
         return result
     if ref is None and not _nonfinite_inputs(case):
@@ -409,6 +405,19 @@ def run_case(case: Case, target, *, device: str = "cpu", ref=None, baseline: boo
     return result
 
 
+def _wrong_dtype(t, case: Case, name: str) -> str | None:
+    """Why ``t`` (a target's output or gradient) is not in the case's input
+    dtype, or None when it is."""
+    expected = format_of(case.q.dtype)
+    try:
+        got = format_of(t)
+    except (TypeError, ValueError):
+        got = None
+    if got is expected:
+        return None
+    return f"{name} dtype {getattr(t, 'dtype', type(t))}, expected {expected.name}"
+
+
 def _judge_backward(result: CaseResult, case: Case, produced, model: PrecisionModel, ref,
                     forward_failed: bool, bounds: dict | None = None) -> None:
     """Judge the gradients a target returned (``result.grad``); a gradient
@@ -432,14 +441,9 @@ def _judge_backward(result: CaseResult, case: Case, produced, model: PrecisionMo
     if ref is None:
         grad.update(verdict="not judged", reason="NaN/Inf inputs: gradient semantics are not judged")
         return
-    expected = format_of(case.q.dtype)
     for name, g in zip(GRADS, produced.grads):
-        try:
-            got = format_of(g)
-        except (TypeError, ValueError):
-            got = None
-        if got is not expected:
-            reason = f"{name} dtype {getattr(g, 'dtype', type(g))}, expected {expected.name}"
+        reason = _wrong_dtype(g, case, name)
+        if reason:
             grad.update(verdict="fail", reason=reason)
             if not forward_failed:
                 result.verdict, result.reason = "fail", f"gradient: {reason}"

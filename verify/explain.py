@@ -157,7 +157,13 @@ def key_features(case: Case, at) -> list[str]:
     if not (0 <= b < B and 0 <= hk < Hkv and 0 <= j < Nk):
         return []
     group = H // Hkv
-    seen_by = visibility(case)[b, hk * group:(hk + 1) * group, :, j]  # (group, Nq)
+    heads = slice(hk * group, (hk + 1) * group)
+    seen_by = np.ones((group, Nq), dtype=bool)  # key j's column of `visibility` for the group's heads
+    if case.is_causal:
+        seen_by &= np.arange(Nq) >= j
+    if case.attn_mask is not None:
+        m = np.broadcast_to(np.asarray(case.attn_mask), (B, H, Nq, Nk))[b, heads, :, j]
+        seen_by &= m if m.dtype == bool else ~np.isneginf(to_float64(m))
     rows = np.flatnonzero(seen_by.any(0))
     holds = {
         "key seen by no query": not seen_by.any(),

@@ -37,7 +37,7 @@ import numpy as np
 
 from flashcheck.kernels.models import GPU_SUFFIX, check_model_name, default_model_name, get_model
 from flashcheck.kernels.precision import PrecisionModel, format_of, from_float64
-from flashcheck.properties.case import Case
+from flashcheck.properties.case import Case, numpy_to_torch
 
 __all__ = ["BUILTIN_TARGETS", "SDPA_BACKENDS", "Target", "TargetError", "TargetOutput", "resolve_target"]
 
@@ -186,21 +186,13 @@ def _numpy_tiled(model_name: str | None):
             from flashcheck.kernels.numpy_backward import attention_backward
 
             # The backward reads what the forward saved: the stored output and the fp32 LSE.
-            grads = tuple(_stored_tensor(from_float64(g, fmt)) for g in attention_backward(
+            grads = tuple(numpy_to_torch(from_float64(g, fmt)) for g in attention_backward(
                 case.q, case.k, case.v, stored, lse.astype(np.float32), case.do, case.attn_mask, case.is_causal,
                 case.scale, case.enable_gqa, block_m=block_m, block_n=block_n, model=model))
-        return TargetOutput(_stored_tensor(stored), torch.from_numpy(lse), grads)
+        return TargetOutput(numpy_to_torch(stored), torch.from_numpy(lse), grads)
 
     return run
 
-
-def _stored_tensor(stored: np.ndarray):
-    """A NumPy array of a storage dtype (bfloat16 included) as a torch tensor."""
-    import torch
-
-    if stored.dtype.name == "bfloat16":
-        return torch.from_numpy(stored.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(stored)
 
 
 
