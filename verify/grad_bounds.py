@@ -72,6 +72,12 @@ def _group_sum(x, hkv):
     return x.reshape(B, hkv, H // hkv, N, C).sum(axis=2)
 
 
+def _rounds_per_head(group: int, model: PrecisionModel, u_in: float) -> bool:
+    """Whether B4a applies: a GQA group, ``gqa_sum="rounded"``, and an input
+    format coarser than the accumulator."""
+    return group > 1 and model.gqa_sum == "rounded" and bool(u_in)
+
+
 def _per_head_rounding(mag, err, group: int, model: PrecisionModel, u_in: float, eta_in: float):
     """B4a: the extra error of reducing a GQA group after rounding each query
     head's result to the input dtype (``model.gqa_sum == "rounded"``); 0 for
@@ -81,7 +87,7 @@ def _per_head_rounding(mag, err, group: int, model: PrecisionModel, u_in: float,
     plus half a subnormal; the fp32 sum of the ``group`` rounded values adds
     gamma_{group-1}(u32) of their magnitudes and, in fp32's subnormal range,
     the absolute losses of `acc_underflow`."""
-    if group == 1 or model.gqa_sum != "rounded" or not u_in:
+    if not _rounds_per_head(group, model, u_in):
         return 0.0
     rounded = u_in * mag + group * eta_in
     return rounded + gamma(group - 1, unit("fp32")) * (mag + rounded) \
@@ -230,9 +236,8 @@ def gradient_bound(ref, model: PrecisionModel, *, dout, out_target=None, lse_tar
     # Products that fall in fp32's subnormal range are rounded absolutely (fp32
     # models: nothing rounds dV afterwards to hide it; found with one-hot fp32 cases).
     e_dv = e_dv + (1 + gamma(n_v, u_acc)) * acc_underflow(2 * n_v, model.pv_acc, model.acc_rounding)
-    e_dv = e_dv + _per_head_rounding(
-        (1 + gamma(n_v, u_acc)) * _group_sum(np.swapaxes(ph_up, -1, -2) @ do_up, Hkv) + e_dv, e_dv, H // Hkv,
-        model, u_in, eta_in)
+    mag_v = (1 + gamma(n_v, u_acc)) * _group_sum(np.swapaxes(ph_up, -1, -2) @ do_up, Hkv) + e_dv
+    e_dv = e_dv + _per_head_rounding(mag_v, e_dv, H // Hkv, model, u_in, eta_in)
     dv_up = np.abs(ref.dv) + e_dv
     e_dv = e_dv + u_in * dv_up + (eta_in if u_in else 0.0)
 
@@ -268,8 +273,8 @@ def gradient_bound(ref, model: PrecisionModel, *, dout, out_target=None, lse_tar
     acc_k = acc_k + gamma(n_k, u_acc) * _group_sum(dst @ (absq + e_q), Hkv) \
         + (1 + gamma(n_k, u_acc)) * acc_underflow(2 * n_k, model.pv_acc, model.acc_rounding)
     e_dk = scale * post * acc_k + (post - 1) * np.abs(ref.dk) + eta32
-    mag_k = scale * post * (1 + gamma(n_k, u_acc)) * _group_sum(dst @ (absq + e_q), Hkv) + eta32
-    e_dk = e_dk + _per_head_rounding(mag_k + e_dk, e_dk, H // Hkv, model, u_in, eta_in)
+    mag_k = scale * post * (1 + gamma(n_k, u_acc)) * _group_sum(dst @ (absq + e_q), Hkv) + eta32 + e_dk
+    e_dk = e_dk + _per_head_rounding(mag_k, e_dk, H // Hkv, model, u_in, eta_in)
     n_q = finite.sum(-1, keepdims=True).astype(np.float64)
     acc_q = e_ds @ absk + ds_up @ e_k + gamma(n_q, u_acc) * (ds_up @ (absk + e_k)) \
         + (1 + gamma(n_q, u_acc)) * acc_underflow(2 * n_q, model.pv_acc, model.acc_rounding)
@@ -297,6 +302,9 @@ def gradient_bound(ref, model: PrecisionModel, *, dout, out_target=None, lse_tar
     over_k = over_k | ((1 + gamma(n_k, u_acc)) * _group_sum(dst @ (absq + e_q), Hkv) > half32)
     over_v = (1 + gamma(n_v, u_acc)) * _group_sum(np.swapaxes(ph_up, -1, -2) @ do_up, Hkv) > half32
     out_max = FORMATS[model.input].max
+    if _rounds_per_head(H // Hkv, model, u_in):
+        # B4a: one head's result, rounded to the input dtype, may overflow even where the group's sum would not.
+        over_k, over_v = over_k | (mag_k > out_max), over_v | (mag_v > out_max)
     bounds = []
     for e, exact, over in ((e_dq, ref.dq, over_q), (e_dk, ref.dk, over_k), (e_dv, ref.dv, over_v)):
         e = e * EVAL_MARGIN
