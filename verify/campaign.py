@@ -51,6 +51,7 @@ from flashcheck.verify.check import CaseResult, baseline_error, run_case
 from flashcheck.verify.findings import FindingTracker
 from flashcheck.verify.isolation import IsolatedTarget
 from flashcheck.verify.known import match
+from flashcheck.verify.profile import Profile, active, timed
 from flashcheck.verify.targets import resolve_target
 
 __all__ = ["CampaignConfig", "ConfigError", "CampaignResult", "run_campaign", "save_repro", "support_floor"]
@@ -162,6 +163,8 @@ class CampaignResult:
     capabilities: dict = field(default_factory=dict)  # target -> Capabilities
     inconclusive: dict = field(default_factory=dict)  # target -> why it says nothing
     findings: list = field(default_factory=list)  # flashcheck.verify.findings.Finding, new ones first
+    profile: Profile = field(default_factory=Profile)  # where the time went, by phase
+    loop_seconds: float = 0.0  # the case loop's wall time (without minimizing and the report)
 
     @property
     def exit_code(self) -> int:
@@ -335,17 +338,20 @@ def run_campaign(cfg: CampaignConfig) -> CampaignResult:
         plan, how = planner.next_plan(index)
         if plan is None or index % cfg.shard[1] != cfg.shard[0]:
             return  # another shard's case, or every target declines everything we can build
-        case = build(plan, raw)
-        case.tags["drawn"] = how
-        finite = all(bool((abs(t.astype("float64")) < math.inf).all()) for t in (case.q, case.k, case.v))
-        if cfg.grad:
-            kind = cfg.do_dealer.deal()
-            case = with_output_gradient(case, kind if finite or kind != "delta-cancel" else "normal")
+        with timed("generate"):
+            case = build(plan, raw)
+            case.tags["drawn"] = how
+            finite = all(bool((abs(t.astype("float64")) < math.inf).all()) for t in (case.q, case.k, case.v))
+            if cfg.grad:
+                kind = cfg.do_dealer.deal()
+                case = with_output_gradient(case, kind if finite or kind != "delta-cancel" else "normal")
         ref = None
         if finite:
             # The oracle failing (or its cross-check) is a harness bug: let it surface.
-            ref = _oracle.attention_case(case, keep=True, with_grad=cfg.grad, crosscheck_rows=cfg.crosscheck)
-        base_err = baseline_error(case, ref) if ref is not None else None
+            with timed("oracle"):
+                ref = _oracle.attention_case(case, keep=True, with_grad=cfg.grad, crosscheck_rows=cfg.crosscheck)
+        with timed("baseline"):
+            base_err = baseline_error(case, ref) if ref is not None else None
         result.cases += 1
         worst, bounds = None, {}
         for runner in runners:
@@ -353,7 +359,12 @@ def run_campaign(cfg: CampaignConfig) -> CampaignResult:
             if cap.declines(plan):
                 cap.skipped += 1
                 continue
+            spent = {name: prof.seconds[name] for name in ("target", "bound", "oracle")}
+            t0 = time.perf_counter()
             row_result = run_case(case, runner, device=cfg.device, ref=ref, baseline_err=base_err, bounds=bounds)
+            # judging: run_case's time less what its target, bounds and oracle already counted
+            prof.add("judge", time.perf_counter() - t0 - sum(prof.seconds[n] - spent[n] for n in spent))
+            t_record = time.perf_counter()
             if row_result.verdict == "unsupported":
                 rule = cap.learn(plan, row_result.reason,
                                  _declines(runner, cfg.device, functools.partial(build, raw=raw)))
@@ -377,14 +388,17 @@ def run_campaign(cfg: CampaignConfig) -> CampaignResult:
                 # see different cases, so they generate without it and stay a partition.
                 if cfg.shard[1] == 1:
                     hypothesis_target(float(row_result.ratio), label=f"ratio:{runner.name}")
+            prof.add("record", time.perf_counter() - t_record)
         planner.record(plan, worst)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(failures=result.failures, known=result.known_failures,
                             elapsed=f"{time.monotonic() - start:.0f}s")
 
+    prof = result.profile
     try:
-        with CaseWriter(cfg.out / "cases.jsonl") as writer:
+        with CaseWriter(cfg.out / "cases.jsonl") as writer, active(prof):
+            t_loop = time.perf_counter()
             try:
                 explore()
             except Flaky:
@@ -392,9 +406,12 @@ def run_campaign(cfg: CampaignConfig) -> CampaignResult:
                 # before (we stop drawing then): only then is this expected.
                 if time.monotonic() <= deadline:
                     raise
-        if bar is not None:
-            bar.set_description("minimizing")
-        result.findings = tracker.finish(result.rows, {r.name: r for r in runners})
+            result.loop_seconds = loop = time.perf_counter() - t_loop
+            prof.add("other", max(0.0, loop - sum(prof.seconds.values())))
+            if bar is not None:
+                bar.set_description("minimizing")
+            with timed("minimize"):
+                result.findings = tracker.finish(result.rows, {r.name: r for r in runners})
         if result.findings:  # the rows' signatures now carry what each bug needs
             _rewrite_rows(cfg.out / "cases.jsonl", result.rows)
     finally:
@@ -408,8 +425,10 @@ def run_campaign(cfg: CampaignConfig) -> CampaignResult:
     meta = _meta(cfg) | {"seconds": round(result.seconds, 1),
                          "declined": {n: c.summary() for n, c in caps.items()},
                          "inconclusive": result.inconclusive,
-                         "findings": [f.as_dict() for f in result.findings]}
-    write_reports(result.rows, cfg.out, meta)
+                         "findings": [f.as_dict() for f in result.findings],
+                         "profile": prof.as_dict(wall=loop, cases=result.cases)}
+    with timed("report", prof):
+        write_reports(result.rows, cfg.out, meta)
     return result
 
 

@@ -37,6 +37,7 @@ from flashcheck.verify.explain import (
 )
 from flashcheck.verify.grad_bounds import GradBound, gradient_bound
 from flashcheck.verify.isolation import classify_exception, fault_kind
+from flashcheck.verify.profile import timed
 from flashcheck.verify.signatures import signature_key, symptom_for
 
 __all__ = ["GRADS", "CaseResult", "GradJudgement", "Judgement", "baseline_error", "error_ratio", "judge",
@@ -176,7 +177,7 @@ def judge_gradients(case: Case, dq, dk, dv, *, model: PrecisionModel, out, lse=N
     bound = None if bounds is None else bounds.get(key)
     if bound is None:
         # Where an intermediate can overflow the bound is inf or NaN: "model not applicable", not judged.
-        with np.errstate(invalid="ignore", over="ignore"):
+        with np.errstate(invalid="ignore", over="ignore"), timed("bound"):
             bound = gradient_bound(ref, model, dout=case.do, out_target=o, lse_target=lt, attn_mask=case.attn_mask)
         if bounds is not None:
             bounds[key] = bound
@@ -232,7 +233,8 @@ def _bound(case: Case, ref, model: PrecisionModel, bounds: dict | None) -> Bound
     model name, shared by the targets of one case) when it is there."""
     if bounds is not None and model.name in bounds:
         return bounds[model.name]
-    bound = attention_bound(ref, model, attn_mask=case.attn_mask, block_n=case.block_n)
+    with timed("bound"):
+        bound = attention_bound(ref, model, attn_mask=case.attn_mask, block_n=case.block_n)
     if bounds is not None:
         bounds[model.name] = bound
     return bound
@@ -349,7 +351,8 @@ def run_case(case: Case, target, *, device: str = "cpu", ref=None, baseline: boo
     start = time.perf_counter()
     result = CaseResult(case=case, target=target.name, model=model.name, verdict="fail")
     try:
-        produced = target.run(case, device)
+        with timed("target"):
+            produced = target.run(case, device)
     except NotImplementedError as exc:
         result.verdict, result.reason = "unsupported", str(exc) or "not implemented"
         result.seconds = time.perf_counter() - start
@@ -371,7 +374,8 @@ def run_case(case: Case, target, *, device: str = "cpu", ref=None, baseline: boo
         _describe_failure(result, "dtype")
         return result
     if ref is None and not _nonfinite_inputs(case):
-        ref = _oracle.attention_case(case, keep=True, with_grad=False)
+        with timed("oracle"):
+            ref = _oracle.attention_case(case, keep=True, with_grad=False)
     j = judge(case, out, produced.lse, model=model, ref=ref, bounds=bounds if ref is not None else None)
     result.verdict, result.reason = j.verdict, j.reason
     result.ratio, result.lse_ratio = j.ratio, j.lse_ratio

@@ -175,6 +175,8 @@ def setup_fuzz(parser: argparse.ArgumentParser) -> None:
                              "against the oracle's certified gradients")
     parser.add_argument("--do-kinds", default=None, help="with --grad: comma-separated output-gradient classes "
                         "(default: all): normal, tiny, huge, zero-rows, delta-cancel")
+    parser.add_argument("--profile", action="store_true",
+                        help="print where the time went, phase by phase (always saved in meta.json)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -235,6 +237,8 @@ def run_fuzz(args: argparse.Namespace) -> int:
     for name, cap in result.capabilities.items():
         if cap.rules:
             print(f"{name} declined: " + "; ".join(d["text"] for d in cap.summary()["declined"]))
+    if args.profile:
+        print(result.profile.table(result.loop_seconds, result.cases))
     for name, why in result.inconclusive.items():
         print(f"INCONCLUSIVE: {name} {why}", file=sys.stderr)
     return result.exit_code
