@@ -18,7 +18,12 @@ whatever a targeted search prefers.
 Size strata are relative to a 64-wide tile, the usual key tile of flash
 kernels (FlashAttention-2 uses 64 or 128): "key-tiles" has at least three
 key tiles, "query-tiles" at least two query tiles, "both-tiles" both, and
-"long" keeps decode-like rows of hundreds to thousands of keys.
+"long" keeps decode-like rows of hundreds to thousands of keys. On CUDA
+three more reach the sizes where real kernels broke (long-context index
+overflow, split-KV decode): "decode" (1 to 8 queries over up to 2**17 + 1
+keys), "past-64k" (up to 256 queries over key lengths on both sides of
+2**16) and "huge" (Nq and Nk both around 2**16, one head; not dealt unless
+asked for with ``sizes``: one case costs seconds).
 
 >>> dealer = PlanDealer(feature_values(dtypes=("fp16",)), seed=0)
 >>> plan = dealer.deal()
@@ -44,6 +49,7 @@ from flashcheck.properties.validation import INPUT_DTYPES
 __all__ = [
     "CHOICE_MAX",
     "DEFAULT_MAX_SCORES",
+    "MASK_PLANE_CAP",
     "FEATURES",
     "N_CHOICES",
     "HEAD_DIM_CLASSES",
@@ -59,6 +65,7 @@ __all__ = [
     "feature_values",
     "head_kind",
     "size_strata",
+    "strata_names",
 ]
 
 #: The tile the size strata count in (keys per key tile, queries per query tile).
@@ -67,9 +74,15 @@ TILE = 64
 #: Block sizes the Triton kernel accepts (powers of two; tl.arange needs them).
 TRITON_BLOCK_SIZES = (16, 32, 64, 128)
 
-#: Default cap on B * H * Nq * Nk per case: the oracle and the bound run on the
-#: host in float64, and a 2-core CI runs a 40-case, 19-target self-test in minutes.
-DEFAULT_MAX_SCORES = {"cpu": 2**16, "cuda": 2**20}
+#: Default cap on B * H * Nq * Nk per case. On the CPU the oracle and the
+#: bound run in float64 NumPy and a 2-core CI runs a 40-case, 19-target
+#: self-test in minutes; on CUDA they run on the device, tiled over query
+#: rows, and the strata's own caps decide (`SizeStratum.max_scores`).
+DEFAULT_MAX_SCORES = {"cpu": 2**16, "cuda": 2**35}
+
+#: Cap on Nq * Nk when a case has an explicit mask: the mask's (Nq, Nk)
+#: plane is built on the host (2**26 entries: 128 MB as float16).
+MASK_PLANE_CAP = 2**26
 
 #: Features of a plan, in the order a declined case is simplified (`verify.capabilities`).
 FEATURES = ("magnitude", "mask", "layout", "heads", "dv", "lengths", "align", "head_dim", "size", "dtype")
@@ -103,6 +116,13 @@ class SizeStratum:
     nk: tuple[int, int]
     max_batch: int
     max_heads: int
+    #: False: no Nq == Nk cases (decode shapes); a plan asking for equal
+    #: lengths gets different ones, as its Nq and Nk show.
+    square: bool = True
+    #: dealt by default (False: only when asked for by name)
+    default: bool = True
+    #: cap on B * H * Nq * Nk of this stratum's cases (None: the device's)
+    max_scores: int | None = None
 
     def equal_range(self) -> tuple[int, int]:
         """Range of N when Nq == Nk: the key range, or the query range if that is the longer one."""
@@ -130,19 +150,36 @@ def size_strata(device: str = "cpu") -> dict[str, SizeStratum]:
             ("both-tiles", (T + 1, 160), (2 * T + 1, 4 * T), 1, 4),
             ("long", (1, 8), (8 * T + 1, 24 * T), 1, 4),
         ]
-    else:
-        rows = [
-            ("tiny", (1, 17), (1, 17), 4, 8),
-            ("one-tile", (18, 2 * T), (18, 2 * T), 4, 8),
-            ("key-tiles", (1, 2 * T), (2 * T + 1, 32 * T), 2, 8),
-            ("query-tiles", (2 * T + 1, 32 * T), (1, 2 * T), 2, 8),
-            ("both-tiles", (2 * T + 1, 16 * T), (2 * T + 1, 32 * T), 2, 8),
-            ("long", (1, 64), (32 * T + 1, 64 * T), 1, 8),
-        ]
-    return {name: SizeStratum(name, nq, nk, b, h) for name, nq, nk, b, h in rows}
+        return {name: SizeStratum(name, nq, nk, b, h) for name, nq, nk, b, h in rows}
+    k16 = 2**16
+    strata = [
+        SizeStratum("tiny", (1, 17), (1, 17), 4, 8),
+        SizeStratum("one-tile", (18, 2 * T), (18, 2 * T), 4, 8),
+        SizeStratum("key-tiles", (1, 2 * T), (2 * T + 1, 32 * T), 2, 8),
+        SizeStratum("query-tiles", (2 * T + 1, 32 * T), (1, 2 * T), 2, 8),
+        SizeStratum("both-tiles", (2 * T + 1, 16 * T), (2 * T + 1, 32 * T), 2, 8),
+        SizeStratum("long", (1, 64), (32 * T + 1, 256 * T), 1, 8, max_scores=2**26),
+        SizeStratum("decode", (1, 8), (T + 1, 2 * k16 + 1), 2, 8, square=False, max_scores=2**22),
+        # key lengths on both sides of 2**16: 16-bit index and offset arithmetic
+        SizeStratum("past-64k", (1, 4 * T), (k16 - 3 * T, k16 + 3 * T), 1, 4, square=False, max_scores=2**25),
+        # GQA needs 4 heads: 4 heads of 65,600 squared
+        SizeStratum("huge", (k16 // 2, k16 + 3 * T), (k16 - 3 * T, k16 + 3 * T), 1, 4, default=False,
+                    max_scores=2**34 + 2**30),
+    ]
+    return {s.name: s for s in strata}
 
 
-#: Names of the size strata (the same on every device).
+def strata_names(device: str = "cpu", *, every: bool = False) -> tuple[str, ...]:
+    """The size strata of ``device`` dealt by default (``every``: with the
+    ones dealt only on request).
+
+    >>> strata_names("cuda")[-2:], strata_names("cuda", every=True)[-1]
+    (('decode', 'past-64k'), 'huge')
+    """
+    return tuple(name for name, s in size_strata(device).items() if every or s.default)
+
+
+#: Names of the CPU size strata (CUDA has these and more: `strata_names`).
 SIZE_STRATA = tuple(size_strata("cpu"))
 
 
@@ -185,8 +222,9 @@ def _choices(name, values, known):
 
 
 def feature_values(*, dtypes=None, sizes=None, lengths=None, aligns=None, heads=None, head_dims=None, dvs=None,
-                   masks=None, layouts=None, magnitudes=None) -> dict[str, tuple]:
-    """The allowed values of every feature; None means all of them.
+                   masks=None, layouts=None, magnitudes=None, device: str = "cpu") -> dict[str, tuple]:
+    """The allowed values of every feature; None means all of them (for
+    ``sizes``: the strata `strata_names` deals by default on ``device``).
 
     ``head_dims`` takes class names of `HEAD_DIM_CLASSES` or exact integers
     (a kernel that supports only 64 and 128: ``head_dims=(64, 128)``).
@@ -207,7 +245,7 @@ def feature_values(*, dtypes=None, sizes=None, lengths=None, aligns=None, heads=
             raise ValueError("head_dims must not be empty")
     values = {
         "dtype": _choices("dtypes", dtypes, INPUT_DTYPES),
-        "size": _choices("sizes", sizes, SIZE_STRATA),
+        "size": _sizes(sizes, device),
         "lengths": _choices("lengths", lengths, ("equal", "different")),
         "align": _choices("aligns", aligns, ("aligned", "ragged")),
         "heads": _choices("heads", heads, HEAD_KINDS),
@@ -219,6 +257,16 @@ def feature_values(*, dtypes=None, sizes=None, lengths=None, aligns=None, heads=
     }
     assert tuple(sorted(values)) == tuple(sorted(FEATURES))
     return values
+
+
+def _sizes(sizes, device: str) -> tuple:
+    if sizes is None:
+        return strata_names(device)
+    known = strata_names(device, every=True)
+    elsewhere = [v for v in sizes if v not in known and any(v in strata_names(d, every=True) for d in ("cpu", "cuda"))]
+    if elsewhere:
+        raise ValueError(f"size strata {elsewhere} exist only on another device; {device} has {known}")
+    return _choices("sizes", sizes, known)
 
 
 class PlanDealer:
@@ -383,10 +431,21 @@ def case_from_plan(plan: Plan, raw, *, device: str = "cpu", max_scores: int | No
         stratum = dataclasses.replace(stratum, nq=clamp(stratum.nq), nk=clamp(stratum.nk))
     if max_scores is None:
         max_scores = DEFAULT_MAX_SCORES[device]
+    if stratum.max_scores is not None:
+        max_scores = min(max_scores, stratum.max_scores)
     c = _Choices(raw)
     fmt = plan.dtype
     nq_lo, nk_lo = stratum.nq[0], stratum.nk[0]
-    least = nq_lo * nk_lo if plan.lengths == "different" else stratum.equal_range()[0] ** 2
+    equal = plan.lengths == "equal" and stratum.square
+    plane = MASK_PLANE_CAP if plan.mask not in ("none", "causal") else None
+    if plane is not None and equal:
+        stratum = dataclasses.replace(stratum, nq=(min(stratum.nq[0], math.isqrt(plane)), stratum.nq[1]),
+                                      nk=(min(stratum.nk[0], math.isqrt(plane)), stratum.nk[1]))
+    elif plane is not None:  # fewer queries, so that the keys keep their stratum
+        stratum = dataclasses.replace(stratum, nq=(min(stratum.nq[0], max(1, plane // stratum.nk[0])),
+                                                   stratum.nq[1]))
+    nq_lo, nk_lo = stratum.nq[0], stratum.nk[0]
+    least = nq_lo * nk_lo if not equal else stratum.equal_range()[0] ** 2
     hmax = max(1, min(stratum.max_heads, max_scores // least))
     if plan.heads == "MQA":
         H, Hkv = c.integer(2, max(2, hmax)), 1
@@ -397,11 +456,16 @@ def case_from_plan(plan: Plan, raw, *, device: str = "cpu", max_scores: int | No
         H = Hkv = c.integer(1, hmax)
     B = c.integer(1, max(1, min(stratum.max_batch, max_scores // (H * least))))
     budget = max(1, max_scores // (B * H))  # for Nq * Nk
-    if plan.lengths == "equal":
+    if plane is not None:
+        budget = min(budget, plane)
+    if equal:
         lo, hi = stratum.equal_range()
         Nq = Nk = _length(c, plan.align, lo, min(hi, math.isqrt(budget)))
     else:
-        Nk = _length(c, plan.align, nk_lo, min(stratum.nk[1], budget // nq_lo))
+        # leave room for the shortest query length of the plan's alignment
+        nq_min = math.ceil(nq_lo / 16) * 16 if plan.align == "aligned" else nq_lo
+        nq_min = nq_min if nq_min <= stratum.nq[1] else nq_lo
+        Nk = _length(c, plan.align, nk_lo, min(stratum.nk[1], budget // nq_min))
         nq_hi = min(stratum.nq[1], budget // Nk)
         Nq = _length(c, plan.align, nq_lo, nq_hi)
         if Nq == Nk:  # "different" must differ: the nearest other length of the same alignment

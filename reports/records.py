@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 import warnings
 from pathlib import Path
 
@@ -126,8 +127,11 @@ def loads(text: str):
 class CaseWriter:
     """Append report rows to a JSON Lines file, one line per row.
 
-    Each row is flushed at once and fsynced every ``fsync_every`` rows (and
-    on close), so what was written survives a crash of the campaign. An
+    Each row is flushed at once, so a crash or kill of the campaign loses
+    nothing the OS has seen; it is fsynced (against a crash of the machine)
+    every ``fsync_every`` rows but at most once per ``fsync_seconds``, and on
+    close: an fsync per row cost 0.4 s on the H100 host's disk, more than
+    judging the row. An
     existing file is appended to; a partial last line left by an earlier
     crash is cut off first so the new rows start on a line of their own.
 
@@ -139,7 +143,7 @@ class CaseWriter:
     1
     """
 
-    def __init__(self, path, *, fsync_every: int = 1):
+    def __init__(self, path, *, fsync_every: int = 1, fsync_seconds: float = 1.0):
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
         if isinstance(fsync_every, bool) or not isinstance(fsync_every, int) or fsync_every < 1:
@@ -147,7 +151,10 @@ class CaseWriter:
         self.path = Path(path)
         if self.path.is_dir():
             raise ValueError(f"{self.path} is a directory; give the path of a .jsonl file")
-        self.fsync_every = fsync_every
+        if isinstance(fsync_seconds, bool) or not isinstance(fsync_seconds, (int, float)) or fsync_seconds < 0:
+            raise ValueError(f"fsync_seconds must be a number >= 0, got {fsync_seconds!r}")
+        self.fsync_every, self.fsync_seconds = fsync_every, float(fsync_seconds)
+        self._synced = time.monotonic()
         self.count = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _drop_partial_line(self.path)
@@ -163,8 +170,9 @@ class CaseWriter:
         self._file.write(line + "\n")
         self._file.flush()
         self.count += 1
-        if self.count % self.fsync_every == 0:
+        if self.count % self.fsync_every == 0 and time.monotonic() - self._synced >= self.fsync_seconds:
             os.fsync(self._file.fileno())
+            self._synced = time.monotonic()
 
     def write_all(self, rows) -> None:
         for row in rows:

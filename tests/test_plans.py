@@ -3,6 +3,7 @@ capability learning on synthetic targets."""
 
 import collections
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -168,3 +169,45 @@ def test_an_unsupported_plain_value_moves_the_plain_case():
 def test_a_target_that_declines_everything_is_marked():
     cap = _learn_all(lambda p: True, n=3)
     assert cap.everything and describe_rule(cap.rules[0]) == "everything"
+
+
+def test_cuda_long_context_strata():
+    """Decode, keys on both sides of 2**16, and the opt-in square 2**16 stratum."""
+    from flashcheck.properties.plans import SIZE_STRATA, strata_names
+
+    strata = size_strata("cuda")
+    assert strata_names("cpu") == SIZE_STRATA
+    assert set(strata_names("cuda")) == set(SIZE_STRATA) | {"decode", "past-64k"}
+    assert "huge" in strata_names("cuda", every=True) and "huge" not in strata_names("cuda")
+    assert strata["decode"].nq[1] <= 8 and strata["decode"].nk[1] > 2**17
+    lo, hi = strata["past-64k"].nk
+    assert lo < 2**16 - 128 and hi > 2**16 + 128
+    assert strata["huge"].equal_range()[1] > 2**16
+    with pytest.raises(ValueError, match="only on another device"):
+        feature_values(sizes=("decode",))
+    assert feature_values(device="cuda")["size"] == strata_names("cuda")
+
+
+@pytest.mark.parametrize("size", ["decode", "past-64k", "huge"])
+def test_long_context_cases_stay_in_their_stratum(size):
+    from flashcheck.properties.plans import MASK_PLANE_CAP, N_CHOICES
+
+    stratum = size_strata("cuda")[size]
+    rng = np.random.default_rng(5)
+    dealer = PlanDealer(feature_values(device="cuda", sizes=(size,), dtypes=("fp16",), head_dims=("tiny",),
+                                       magnitudes=("normal",)), seed=2)
+    seen = set()
+    for _ in range(12):
+        plan = dealer.deal()
+        case = case_from_plan(plan, rng.integers(0, 2**16, N_CHOICES).tolist(), device="cuda")
+        s = case.describe()
+        B, H, Nq, Nk = s["B"], s["H"], s["Nq"], s["Nk"]
+        assert B * H * Nq * Nk <= stratum.max_scores, (plan, s)
+        assert stratum.nk[0] <= Nk <= stratum.nk[1] or case.attn_mask is not None, (plan, s)
+        if case.attn_mask is not None:
+            assert Nq * Nk <= MASK_PLANE_CAP, (plan, s)
+        if not stratum.square:
+            assert Nq < Nk and Nq <= stratum.nq[1], (plan, s)
+        seen.add(Nk > 2**16)
+    if size == "past-64k":
+        assert seen == {True, False}  # both sides of 2**16

@@ -34,12 +34,30 @@ def strict_json(text):
 
 # -- records ------------------------------------------------------------------
 
+def test_writer_fsyncs_at_most_once_per_interval(tmp_path, monkeypatch):
+    synced = []
+    monkeypatch.setattr(records.os, "fsync", lambda fd: synced.append(fd))
+    clock = [100.0]
+    monkeypatch.setattr(records.time, "monotonic", lambda: clock[0])
+    with CaseWriter(tmp_path / "rows.jsonl", fsync_seconds=1.0) as w:
+        w.write(row("a"))
+        w.write(row("b"))
+        assert synced == []  # within a second of opening
+        clock[0] += 1.5
+        w.write(row("c"))
+        assert len(synced) == 1
+        w.write(row("d"))
+        assert len(synced) == 1
+    assert len(synced) == 2  # close always syncs
+    assert [r["case_id"] for r in read_cases(tmp_path / "rows.jsonl")] == ["a", "b", "c", "d"]
+
+
 def test_writer_flushes_each_row_before_close(tmp_path, monkeypatch):
     synced = []
     real_fsync = records.os.fsync
     monkeypatch.setattr(records.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
     path = tmp_path / "run" / "cases.jsonl"
-    w = CaseWriter(path, fsync_every=2)
+    w = CaseWriter(path, fsync_every=2, fsync_seconds=0)
     w.write(row("a"))
     assert [r["case_id"] for r in read_cases(path)] == ["a"]  # visible while the writer is open
     assert synced == []
@@ -106,6 +124,8 @@ def test_encoding_rejects_what_it_cannot_represent(tmp_path):
         CaseWriter(tmp_path / "x.jsonl").write([1])
     with pytest.raises(ValueError, match="fsync_every"):
         CaseWriter(tmp_path / "y.jsonl", fsync_every=0)
+    with pytest.raises(ValueError, match="fsync_seconds"):
+        CaseWriter(tmp_path / "z.jsonl", fsync_seconds=-1)
     with pytest.raises(FileNotFoundError):
         read_cases(tmp_path / "missing.jsonl")
 
