@@ -24,6 +24,7 @@ Modes:
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 
@@ -723,6 +724,14 @@ def _resolve_device(device):
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) visible; "
                              f"use an index below that")
+        # cuBLAS floating-point emulation (Ozaki scheme, opt-in through
+        # environment variables) is not IEEE FMA arithmetic, so gamma_n
+        # would not cover its DGEMM; torch offers no switch for it
+        emu = {name: val for name, val in os.environ.items()
+               if name.startswith("CUBLAS_EMULAT") and val not in ("", "0")}
+        if emu:
+            raise ValueError(f"device {device!r}: cuBLAS floating-point emulation settings {emu} are set; the "
+                             f"oracle's bound assumes native IEEE float64 GEMM: unset them for this process")
     return dev
 
 
