@@ -253,7 +253,7 @@ def oracle_device_timings(N: int, D: int, *, device: str = "cuda", repeat: int =
     q, k, v = (rng.standard_normal((1, 1, N, D)).astype(np.float16) for _ in range(3))
     qd, kd, vd = (torch.from_numpy(x.astype(np.float64)).to(dev) for x in (q, k, v))
     scale = 1.0 / math.sqrt(D)
-    tile = tile_rows or max(1, oracle.TILE_ELEMENTS // N)
+    tile = min(N, tile_rows or max(1, oracle.TILE_ELEMENTS // N))
     result = {}
 
     def run_plain():
@@ -401,6 +401,13 @@ def bench_oracle(argv: list[str]) -> int:
     on_torch = args.device != "numpy"
     if args.grad and on_torch:
         parser.error("--device applies to the forward bench only (--grad times the NumPy gradients)")
+    if on_torch:
+        from flashcheck.verify.oracle import _resolve_device
+
+        try:
+            _resolve_device(args.device)
+        except ValueError as e:
+            parser.error(str(e))
     if args.tile_rows is not None and (not on_torch or args.tile_rows < 1):
         parser.error("--tile-rows must be a positive int and needs --device cpu or cuda")
     mp_budget = (0.0 if on_torch else 60.0) if args.mp_budget is None else args.mp_budget
@@ -409,15 +416,16 @@ def bench_oracle(argv: list[str]) -> int:
     sizes = args.size or ([GRAD_DEFAULT_SIZE] if args.grad else list(DEFAULT_SIZES))
     threads = os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS") or "default"
     timed = ("plain and oracle grad: best of >= --repeat runs each, interleaved (and >= 0.5 s of runs)"
-             if args.grad else "plain and auto: best of >= --repeat runs (and >= 0.5 s of runs)")
+             if args.grad else
+             "plain and auto: best of >= --repeat runs each, interleaved, synchronized (and >= 0.5 s of runs)"
+             if on_torch else "plain and auto: best of >= --repeat runs (and >= 0.5 s of runs)")
     print(f"numpy {np.__version__}, python {platform.python_version()}, {platform.machine()}, "
           f"{os.cpu_count()} CPUs, BLAS threads: {threads}; {timed}; all measured in this run")
     if on_torch:
         import torch
 
         print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), device {args.device}"
-              + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" and torch.cuda.is_available() else "")
-              + "; plain and auto interleaved, synchronized, best of >= --repeat runs each")
+              + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" and torch.cuda.is_available() else ""))
         print(_DEVICE_HEADER)
         rows = [oracle_device_timings(n, d, device=args.device, repeat=args.repeat, tile_rows=args.tile_rows,
                                       mp_budget_s=mp_budget, log=print) for n, d in sizes]
