@@ -6,7 +6,9 @@ same calls on torch float64 tensors (on the CPU or a GPU). Only what the
 two disagree on is wrapped here: reductions (torch's ``max`` returns
 indices too), scalar operands of ``maximum``/``minimum``, reversed views
 (torch has no negative strides), cumulative max, array creation (device
-and dtype follow a reference tensor), and ``errstate`` (torch never warns).
+and dtype follow a reference tensor: ``zeros``, ``full``, ``asarray``,
+``arange``), ``copy``/``ascontiguousarray`` (torch's ``clone``/``contiguous``)
+and ``errstate`` (torch never warns).
 
 Everything else (``exp``, ``expm1``, ``log``, ``sqrt``, ``abs``,
 ``where``, ``isfinite``, ``einsum``, ``matmul``, ``concatenate``,
@@ -94,6 +96,10 @@ class _NumpyNamespace:
     @staticmethod
     def device_of(x):
         return None
+
+    @staticmethod
+    def arange(start, stop, like=None):
+        return np.arange(start, stop)
 
 
 class _TorchNamespace:
@@ -211,6 +217,18 @@ class _TorchNamespace:
     @staticmethod
     def device_of(x):
         return x.device
+
+    def arange(self, start, stop, like=None):
+        """Integers start..stop-1 (int64) on ``like``'s device."""
+        return self._t.arange(start, stop, device=None if like is None else like.device)
+
+    @staticmethod
+    def copy(x):
+        return x.clone()
+
+    @staticmethod
+    def ascontiguousarray(x):
+        return x.contiguous()
 
 
 NUMPY = _NumpyNamespace()

@@ -29,8 +29,8 @@ import numpy as np
 
 from flashcheck.kernels import bench_kernel
 
-__all__ = ["BENCHES", "bench_oracle", "oracle_grad_timings", "oracle_timings", "plain_attention",
-           "plain_attention_grad", "register_bench"]
+__all__ = ["BENCHES", "bench_oracle", "oracle_device_timings", "oracle_grad_timings", "oracle_timings",
+           "plain_attention", "plain_attention_grad", "plain_attention_torch", "register_bench"]
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,8 @@ def oracle_timings(N: int, D: int, *, repeat: int = 3, mp_budget_s: float = 60.0
     ``mp_budget_s``; otherwise on the first row (which also pays the one-off
     conversion of K and V to integers) plus as many random rows as fit in a
     tenth of the budget, extrapolated linearly in the number of rows (every
-    row costs the same: N exps and N x D exact products).
+    row costs the same: N exps and N x D exact products). ``mp_budget_s``
+    0 skips mpmath (``mpmath_s`` None).
     """
     from flashcheck.verify import oracle
 
@@ -161,6 +162,34 @@ def oracle_timings(N: int, D: int, *, repeat: int = 3, mp_budget_s: float = 60.0
 
     t_auto = _best_time(run_auto, repeat)
     r = result["r"]
+    t_mp, rows_timed, extrapolated = _mpmath_time(q, k, v, mp_budget_s, seed)
+    skip = t_mp is None
+    out = {
+        "N": N, "D": D, "dtype": "fp16", "plain_s": t_plain, "auto_s": t_auto, "mpmath_s": t_mp,
+        "auto_over_plain": t_auto / t_plain, "mpmath_over_plain": None if skip else t_mp / t_plain,
+        "mpmath_over_auto": None if skip else t_mp / t_auto, "mp_rows": r.mp_rows, "certified": r.certified,
+        "max_rel_bound": _max_rel_bound(r),
+        "mpmath_rows_timed": rows_timed, "mpmath_extrapolated": extrapolated,
+    }
+    if log:
+        log(_format_row(out))
+    return out
+
+
+def _max_rel_bound(r) -> float:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return float(np.nanmax(r.err_bound / np.maximum(np.abs(r.out), r.row_scale)))
+
+
+def _mpmath_time(q, k, v, mp_budget_s: float, seed: int):
+    """(seconds, rows timed, extrapolated) of the all-rows mpmath oracle on
+    one head (see `oracle_timings`); (None, 0, False) when ``mp_budget_s``
+    is 0: the mpmath column is skipped (hours at N = 65536)."""
+    from flashcheck.verify import oracle
+
+    if mp_budget_s == 0:
+        return None, 0, False
+    N = q.shape[2]
     # mpmath: time the first row (it also converts K and V to integers once)
     # to decide between timing all rows and extrapolating
     pr = oracle._prepare(q, k, v, None, False, None, False, None)
@@ -169,25 +198,100 @@ def oracle_timings(N: int, D: int, *, repeat: int = 3, mp_budget_s: float = 60.0
     first = time.perf_counter() - t0
     if first * N <= mp_budget_s:
         t_mp = _best_time(lambda: oracle.attention(q, k, v, mode="mpmath"), 1, min_total_s=0.0)
-        rows_timed, extrapolated = N, False
-    else:
-        n = max(2, min(N - 1, int(0.1 * mp_budget_s / first)))
-        idx = np.random.default_rng(seed).choice(np.arange(1, N), size=n, replace=False)
-        t0 = time.perf_counter()
-        for i in idx:
-            pr.mp_row(0, 0, int(i), 128)
-        t_mp = first + (time.perf_counter() - t0) / n * (N - 1)
-        rows_timed, extrapolated = n + 1, True
+        return t_mp, N, False
+    n = max(2, min(N - 1, int(0.1 * mp_budget_s / first)))
+    idx = np.random.default_rng(seed).choice(np.arange(1, N), size=n, replace=False)
+    t0 = time.perf_counter()
+    for i in idx:
+        pr.mp_row(0, 0, int(i), 128)
+    return first + (time.perf_counter() - t0) / n * (N - 1), n + 1, True
+
+
+def plain_attention_torch(q, k, v, scale: float, tile_rows: int):
+    """`plain_attention` in torch float64 on q's device, over the same
+    tiles of query rows as the oracle's torch path (no bound)."""
+    import torch
+
+    out = torch.empty(q.shape[:-1] + v.shape[-1:], dtype=q.dtype, device=q.device)
+    kt = k.swapaxes(-1, -2)
+    for a in range(0, q.shape[2], tile_rows):
+        s = torch.matmul(q[:, :, a:a + tile_rows], kt)
+        s *= scale
+        s -= torch.amax(s, dim=-1, keepdim=True)
+        torch.exp(s, out=s)
+        s /= torch.sum(s, dim=-1, keepdim=True)
+        out[:, :, a:a + tile_rows] = torch.matmul(s, v)
+    return out
+
+
+def _sync(device) -> None:
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def oracle_device_timings(N: int, D: int, *, device: str = "cuda", repeat: int = 3, tile_rows: int | None = None,
+                          mp_budget_s: float = 0.0, seed: int = 0, log=None) -> dict:
+    """Times of plain torch float64 attention (`plain_attention_torch`, on
+    float64 copies of the inputs already on ``device``) and of the certified
+    oracle in mode auto with ``device=`` (host fp16 inputs in, host NumPy
+    results out: conversion, transfer, the float pass and its bound, any
+    escalation on the host) on one head of standard-normal fp16 inputs of
+    shape (1, 1, N, D), tiled alike; ``torch.cuda.synchronize`` before every
+    clock read. mpmath as in `oracle_timings` unless ``mp_budget_s`` is 0.
+    """
+    import torch
+
+    from flashcheck.verify import oracle
+
+    for name, value in (("N", N), ("D", D), ("repeat", repeat)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    dev = oracle._resolve_device(device)
+    rng = np.random.default_rng(seed)
+    q, k, v = (rng.standard_normal((1, 1, N, D)).astype(np.float16) for _ in range(3))
+    qd, kd, vd = (torch.from_numpy(x.astype(np.float64)).to(dev) for x in (q, k, v))
+    scale = 1.0 / math.sqrt(D)
+    tile = min(N, tile_rows or max(1, oracle.TILE_ELEMENTS // N))
+    result = {}
+
+    def run_plain():
+        plain_attention_torch(qd, kd, vd, scale, tile)
+        _sync(dev)
+
+    def run_auto():
+        result["r"] = oracle.attention(q, k, v, device=dev, tile_rows=tile)
+        _sync(dev)
+
+    run_plain()  # warm up kernels, cuBLAS handles and the allocator
+    run_auto()
+    _sync(dev)
+    t_plain, t_auto = _best_times_interleaved([run_plain, run_auto], repeat)
+    r = result["r"]
+    t_mp, rows_timed, extrapolated = _mpmath_time(q, k, v, mp_budget_s, seed)
     out = {
-        "N": N, "D": D, "dtype": "fp16", "plain_s": t_plain, "auto_s": t_auto, "mpmath_s": t_mp,
-        "auto_over_plain": t_auto / t_plain, "mpmath_over_plain": t_mp / t_plain,
-        "mpmath_over_auto": t_mp / t_auto, "mp_rows": r.mp_rows, "certified": r.certified,
-        "max_rel_bound": float((r.err_bound / np.maximum(np.abs(r.out), r.row_scale)).max()),
-        "mpmath_rows_timed": rows_timed, "mpmath_extrapolated": extrapolated,
+        "N": N, "D": D, "dtype": "fp16", "device": str(dev), "tile_rows": tile,
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
+        "plain_s": t_plain, "auto_s": t_auto, "auto_over_plain": t_auto / t_plain, "mpmath_s": t_mp,
+        "mpmath_over_auto": None if t_mp is None else t_mp / t_auto, "mpmath_rows_timed": rows_timed,
+        "mpmath_extrapolated": extrapolated, "mp_rows": r.mp_rows, "certified": r.certified,
+        "max_rel_bound": _max_rel_bound(r),
     }
     if log:
-        log(_format_row(out))
+        log(_format_device_row(out))
     return out
+
+
+_DEVICE_HEADER = (f"{'N':>6} {'D':>4} {'device':>7} {'tile':>6} {'plain f64':>10} {'auto':>10} {'auto/plain':>10} "
+                  f"{'mpmath':>12} {'mp_rows':>7} {'certified':>9}  max bound/scale")
+
+
+def _format_device_row(t: dict) -> str:
+    mp = "-" if t["mpmath_s"] is None else f"{t['mpmath_s']:.3g}s" + ("*" if t["mpmath_extrapolated"] else "")
+    return (f"{t['N']:>6} {t['D']:>4} {t['device']:>7} {t['tile_rows']:>6} {t['plain_s'] * 1e3:>8.1f}ms "
+            f"{t['auto_s'] * 1e3:>8.1f}ms {t['auto_over_plain']:>10.2f} {mp:>12} {t['mp_rows']:>7} "
+            f"{str(t['certified']):>9}  {t['max_rel_bound']:.2e}")
 
 
 def oracle_grad_timings(N: int, D: int, *, repeat: int = 3, seed: int = 0, log=None) -> dict:
@@ -246,9 +350,13 @@ _HEADER = (f"{'N':>5} {'D':>4} {'plain f64':>10} {'auto':>10} {'mpmath':>12} {'a
 
 
 def _format_row(t: dict) -> str:
-    mp = f"{t['mpmath_s']:.3g}s" + ("*" if t["mpmath_extrapolated"] else "")
+    if t["mpmath_s"] is None:
+        mp, mp_ratio = "-", "-"
+    else:
+        mp = f"{t['mpmath_s']:.3g}s" + ("*" if t["mpmath_extrapolated"] else "")
+        mp_ratio = f"{t['mpmath_over_plain']:.3g}"
     return (f"{t['N']:>5} {t['D']:>4} {t['plain_s'] * 1e3:>8.1f}ms {t['auto_s'] * 1e3:>8.1f}ms {mp:>12} "
-            f"{t['auto_over_plain']:>10.2f} {t['mpmath_over_plain']:>10.3g} {t['mp_rows']:>7} "
+            f"{t['auto_over_plain']:>10.2f} {mp_ratio:>10} {t['mp_rows']:>7} "
             f"{str(t['certified']):>9}  {t['max_rel_bound']:.2e}")
 
 
@@ -277,29 +385,57 @@ def bench_oracle(argv: list[str]) -> int:
                              "(with --grad: 2048x128)")
     parser.add_argument("--repeat", type=int, default=3, help="timing repeats, best kept (default 3)")
     parser.add_argument("--mp-budget", type=float, metavar="SECONDS",
-                        help="time all mpmath rows only below this estimate, else extrapolate (default 60; "
-                             "not with --grad)")
+                        help="time all mpmath rows only below this estimate, else extrapolate; 0 skips the "
+                             "mpmath column (default 60 with --device numpy, 0 on torch devices; not with --grad)")
+    parser.add_argument("--device", choices=("numpy", "cpu", "cuda"), default="numpy",
+                        help="numpy (default): the NumPy oracle and plain NumPy attention; cpu or cuda: the "
+                             "oracle's torch float64 path (device=) and plain torch float64 attention, tiled alike")
+    parser.add_argument("--tile-rows", type=int, metavar="ROWS",
+                        help="query rows per tile on a torch device (default: about 2**27 elements per tile)")
     parser.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
     if args.grad and args.mp_budget is not None:
         parser.error("--mp-budget applies to the forward bench only (--grad times no all-mpmath run)")
-    mp_budget = 60.0 if args.mp_budget is None else args.mp_budget
-    if not mp_budget > 0:
-        parser.error("--mp-budget must be positive")
+    on_torch = args.device != "numpy"
+    if args.grad and on_torch:
+        parser.error("--device applies to the forward bench only (--grad times the NumPy gradients)")
+    if on_torch:
+        from flashcheck.verify.oracle import _resolve_device
+
+        try:
+            _resolve_device(args.device)
+        except ValueError as e:
+            parser.error(str(e))
+    if args.tile_rows is not None and (not on_torch or args.tile_rows < 1):
+        parser.error("--tile-rows must be a positive int and needs --device cpu or cuda")
+    mp_budget = (0.0 if on_torch else 60.0) if args.mp_budget is None else args.mp_budget
+    if not mp_budget >= 0:
+        parser.error("--mp-budget must be positive, or 0 to skip the mpmath column")
     sizes = args.size or ([GRAD_DEFAULT_SIZE] if args.grad else list(DEFAULT_SIZES))
     threads = os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS") or "default"
     timed = ("plain and oracle grad: best of >= --repeat runs each, interleaved (and >= 0.5 s of runs)"
-             if args.grad else "plain and auto: best of >= --repeat runs (and >= 0.5 s of runs)")
+             if args.grad else
+             "plain and auto: best of >= --repeat runs each, interleaved, synchronized (and >= 0.5 s of runs)"
+             if on_torch else "plain and auto: best of >= --repeat runs (and >= 0.5 s of runs)")
     print(f"numpy {np.__version__}, python {platform.python_version()}, {platform.machine()}, "
           f"{os.cpu_count()} CPUs, BLAS threads: {threads}; {timed}; all measured in this run")
-    if args.grad:
+    if on_torch:
+        import torch
+
+        print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), device {args.device}"
+              + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" and torch.cuda.is_available() else ""))
+        print(_DEVICE_HEADER)
+        rows = [oracle_device_timings(n, d, device=args.device, repeat=args.repeat, tile_rows=args.tile_rows,
+                                      mp_budget_s=mp_budget, log=print) for n, d in sizes]
+    elif args.grad:
         print(_GRAD_HEADER)
         rows = [oracle_grad_timings(n, d, repeat=args.repeat, log=print) for n, d in sizes]
     else:
         print(_HEADER)
         rows = [oracle_timings(n, d, repeat=args.repeat, mp_budget_s=mp_budget, log=print) for n, d in sizes]
+    if not args.grad:
         if any(r["mpmath_extrapolated"] for r in rows):
             print("* mpmath timed on a random subset of rows (shown below) and extrapolated linearly to all rows:")
             for r in rows:

@@ -24,6 +24,7 @@ Modes:
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 
@@ -39,6 +40,7 @@ from flashcheck.kernels.sdpa_args import (
     check_sdpa_args,
 )
 from flashcheck.verify._mp import CERT_SAFETY, dyadic_ints, mp_exp_weights, mp_row, ratio_to_float
+from flashcheck.verify._xp import NUMPY, is_torch, namespace
 
 __all__ = [
     "DEFAULT_RTOL_TARGET",
@@ -95,7 +97,9 @@ class AttentionResult:
     Intermediates (``keep=True``) are float64 approximations (not certified
     elementwise beyond their use in the bound code): ``s`` logits with the
     additive mask, -inf where masked; ``p`` probabilities; ``q``, ``k``,
-    ``v`` the exact inputs with kv heads expanded to query heads.
+    ``v`` the exact inputs with kv heads expanded to query heads. They are
+    NumPy arrays, or torch float64 tensors on the device of ``device=``;
+    every other array is a host NumPy float64 array.
     """
 
     out: np.ndarray
@@ -121,6 +125,9 @@ class AttentionResult:
     dk_err_bound: np.ndarray | None = None
     dv_err_bound: np.ndarray | None = None
     mp_row_index: tuple = field(default=(), repr=False)
+    #: (i0, i1) when computed with ``rows=``: row r of the arrays is query
+    #: row i0 + r (``mp_row_index`` holds global indices); None: all rows.
+    row_range: tuple | None = field(default=None, repr=False)
 
     def summary(self) -> dict:
         """Scalars for a JSON report."""
@@ -176,15 +183,17 @@ def _exact(x, name: str) -> np.ndarray:
 
 @dataclass
 class _Problem:
-    q: np.ndarray  # (B, H, Nq, D), kv heads expanded
+    q: np.ndarray  # (B, H, n, D), kv heads expanded; the n query rows row0 <= i < row0 + n
     k: np.ndarray
     v: np.ndarray
-    allowed: np.ndarray | None  # bool, broadcastable to (B, H, Nq, Nk)
+    allowed: np.ndarray | None  # bool, 4-D, broadcastable to (B, H, n, Nk); None: all (or causal)
     add: np.ndarray | None  # finite additive mask (0 where not allowed)
     scale: float
     groups: int
     hkv: int
     dout: np.ndarray | None
+    causal: bool = False  # top-left causal, built per tile from global row indices
+    row0: int = 0  # global index of local row 0 (``rows=``)
     _cache: dict = field(default_factory=dict)
 
     @property
@@ -194,9 +203,27 @@ class _Problem:
 
     def allowed_row(self, b, h, i) -> np.ndarray:
         Nk = self.k.shape[2]
+        if self.causal:
+            return np.arange(Nk) <= self.row0 + i
         if self.allowed is None:
             return np.ones(Nk, dtype=bool)
         return np.broadcast_to(self.allowed, self.q.shape[:3] + (Nk,))[b, h, i]
+
+    def masks(self, xp, like, a, b):
+        """(allowed, add) of local rows a <= i < b in ``xp`` on ``like``'s
+        device (None where there is none). The causal mask is built there
+        from global row indices, so no Nq x Nk host array is needed."""
+        Nk = self.k.shape[2]
+        if self.causal:
+            allowed = (xp.arange(self.row0 + a, self.row0 + b, like=like)[:, None]
+                       >= xp.arange(0, Nk, like=like)[None, :])[None, None]
+            return allowed, None
+        allowed, add = (None if m is None else m if m.shape[2] == 1 else m[:, :, a:b]
+                        for m in (self.allowed, self.add))
+        if xp is not NUMPY:
+            allowed = None if allowed is None else xp.asarray(allowed, like=like, dtype=xp.bool_)
+            add = None if add is None else xp.asarray(add, like=like)
+        return allowed, add
 
     def head_ints(self, b, h):
         key = (b, h // self.groups)
@@ -224,17 +251,38 @@ class _Problem:
         return mp_row(s_int, es, self.allowed_row(b, h, i), v_int, ev, self.v[b, h], prec)
 
 
-def _prepare(q, k, v, attn_mask, is_causal, scale, enable_gqa, dout) -> _Problem:
+def _check_rows(rows, Nq):
+    """``rows`` as (i0, i1), or None for all rows."""
+    if rows is None:
+        return None
+    ok = (isinstance(rows, (tuple, list)) and len(rows) == 2
+          and all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in rows))
+    if not ok:
+        raise ValueError(f"rows must be a pair of ints (i0, i1) selecting query rows i0 <= i < i1, got {rows!r}")
+    i0, i1 = int(rows[0]), int(rows[1])
+    if not 0 <= i0 < i1 <= Nq:
+        raise ValueError(f"rows={rows!r} must satisfy 0 <= i0 < i1 <= Nq = {Nq}")
+    return i0, i1
+
+
+def _prepare(q, k, v, attn_mask, is_causal, scale, enable_gqa, dout, rows=None) -> _Problem:
     # The shared SDPA rules, as the oracle applies them: it reads exact values,
     # so q, k, v and an additive mask may have different float dtypes, and any
     # finite scale is certified (torch takes 0 and negative scales too).
     args = check_sdpa_args(q, k, v, attn_mask, is_causal, scale, enable_gqa,
                            one_dtype=False, positive_scale=False)
+    B, H, Nq, Nk = args.target_shape
+    rows = _check_rows(rows, Nq)
+    if rows is not None and dout is not None:
+        raise ValueError(f"rows={rows!r} cannot be combined with dout: dK and dV sum over every query "
+                         f"row; pass rows=None to get the gradients")
     q64, k64, v64 = _exact(q, "q"), _exact(k, "k"), _exact(v, "v")
     for name, x in (("q", q64), ("k", k64), ("v", v64)):
         check_finite(x, name)  # the bounds are derived for finite inputs
-    B, H, Nq, Nk = args.target_shape
     groups, Hkv, scale = args.groups, args.Hkv, args.scale
+    i0, i1 = rows or (0, Nq)
+    if rows is not None:
+        q64 = q64[:, :, i0:i1]
     allowed = add = None
     if attn_mask is not None:
         if args.mask == "bool":
@@ -243,6 +291,8 @@ def _prepare(q, k, v, attn_mask, is_causal, scale, enable_gqa, dout) -> _Problem
         else:
             m = to_float64(attn_mask)
         m = m.reshape((1,) * (4 - m.ndim) + m.shape)
+        if rows is not None and m.shape[2] != 1:
+            m = m[:, :, i0:i1]  # masks use global row indices
         if m.dtype == bool:
             allowed = m
         else:
@@ -251,8 +301,6 @@ def _prepare(q, k, v, attn_mask, is_causal, scale, enable_gqa, dout) -> _Problem
             add = np.where(allowed, m, 0.0)
             if allowed.all():
                 allowed = None
-    elif args.is_causal:
-        allowed = np.tri(Nq, Nk, dtype=bool)[None, None]  # key j visible to query i iff j <= i
     d64 = None
     if dout is not None:
         d64 = _exact(dout, "dout")
@@ -261,71 +309,131 @@ def _prepare(q, k, v, attn_mask, is_causal, scale, enable_gqa, dout) -> _Problem
         check_finite(d64, "dout")
     if groups > 1:
         k64, v64 = np.repeat(k64, groups, axis=1), np.repeat(v64, groups, axis=1)
-    return _Problem(q64, k64, v64, allowed, add, scale, groups, Hkv, d64)
+    return _Problem(q64, k64, v64, allowed, add, scale, groups, Hkv, d64,
+                    causal=bool(args.is_causal) and attn_mask is None, row0=i0)
 
 
 # ---------------------------------------------------------------------------
-# float64 pass
+# float64 pass (one implementation for NumPy and torch, see verify/_xp.py)
 
 
-def _float_forward(pr: _Problem, keep: bool, need_p: bool) -> dict:
-    q, k, v, scale = pr.q, pr.k, pr.v, pr.scale
-    B, H, Nq, Nk, Dv = pr.shape
+def _forward_tile(xp, q, k, v, allowed, add, scale, keep, need_p) -> dict:
+    """The float64 pass and its bound (docs/oracle.md) for the query rows
+    in ``q`` (B, H, n, D) against all keys; every quantity is per row, so
+    tiles of rows give the bound of the whole. ``xp`` is NumPy's or
+    torch's namespace (`verify._xp`); results stay in it."""
+    Nk, Dv = k.shape[2], v.shape[3]
     D = q.shape[3]
     gD, gK = gamma(D), gamma(Nk)
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
-        s = np.matmul(q, k.swapaxes(-1, -2))
+    with xp.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
+        s = xp.matmul(q, k.swapaxes(-1, -2))
         s *= scale
-        if pr.add is not None:
-            s += pr.add
-        if pr.allowed is not None:
-            s = np.where(pr.allowed, s, -np.inf)
-        s_keep = s.copy() if keep else None
-        m = s.max(axis=-1, keepdims=True)
-        empty = m == -np.inf  # fully masked rows
-        m_shift = np.where(empty, 0.0, m)
+        if add is not None:
+            s += add
+        if allowed is not None:
+            s = xp.where(allowed, s, -xp.inf)
+        s_keep = xp.copy(s) if keep else None
+        m = xp.amax(s, axis=-1, keepdims=True)
+        empty = m == -xp.inf  # fully masked rows
+        m_shift = xp.where(empty, 0.0, m)
         s -= m_shift  # d = s - m (in place)
         # sigma_i bounds the error of d_ij (docs/oracle.md, step 2)
-        qn = np.sqrt(np.einsum("bhnd,bhnd->bhn", q, q))[..., None] * (1 + gamma(D + 2))
-        kn = np.sqrt(np.einsum("bhnd,bhnd->bhn", k, k)).max(axis=-1)[..., None, None] * (1 + gamma(D + 2))
-        sigma = ((gD + 3 * U) * abs(scale) * qn * kn * 1.001 + 1.001 * U * np.abs(m_shift) + ETA)
-        if pr.add is not None:
-            sig = sigma + 2.01 * U * np.abs(pr.add)
-            sig = np.where(s + sig < -L_NEG, 0.0, sig)  # negligible entries are bounded separately
-            sigma = sig.max(axis=-1, keepdims=True)
-        e = np.exp(s, out=s)
-        ell = e.sum(axis=-1, keepdims=True)
-        ym = np.matmul(e, np.concatenate([v, np.abs(v)], axis=-1))  # E V and E |V| in one product
+        qn = xp.sqrt(xp.einsum("bhnd,bhnd->bhn", q, q))[..., None] * (1 + gamma(D + 2))
+        kn = xp.amax(xp.sqrt(xp.einsum("bhnd,bhnd->bhn", k, k)), axis=-1)[..., None, None] * (1 + gamma(D + 2))
+        sigma = ((gD + 3 * U) * abs(scale) * qn * kn * 1.001 + 1.001 * U * xp.abs(m_shift) + ETA)
+        if add is not None:
+            sig = sigma + 2.01 * U * xp.abs(add)
+            sig = xp.where(s + sig < -L_NEG, 0.0, sig)  # negligible entries are bounded separately
+            sigma = xp.amax(sig, axis=-1, keepdims=True)
+        e = xp.exp(s, out=s)
+        ell = xp.sum(e, axis=-1, keepdims=True)
+        ym = xp.matmul(e, xp.concatenate([v, xp.abs(v)], axis=-1))  # E V and E |V| in one product
         y, mabs = ym[..., :Dv], ym[..., Dv:]
-        ell_safe = np.where(empty, 1.0, ell)
+        ell_safe = xp.where(empty, 1.0, ell)
         out = y / ell_safe
         row_scale = mabs / ell_safe
-        kappa = (RHO + np.expm1(sigma)) / (1 - RHO)
+        kappa = (RHO + xp.expm1(sigma)) / (1 - RHO)
         tau_abs = math.exp(-L_NEG) * (1 + RHO) + 1.02 * ETA
         F = kappa * (1 + 3 * gK) + Nk * tau_abs / ell_safe * 1.01
-        vmax = np.abs(v).max(axis=-2, keepdims=True)
-        aout = np.abs(out)
+        vmax = xp.amax(xp.abs(v), axis=-2, keepdims=True)
+        aout = xp.abs(out)
         err = CERT_SAFETY * ((gK + kappa) * (row_scale + aout) + U * aout
                         + Nk * tau_abs * (vmax + aout) / ell_safe) / (1 - F)
-        log_ell = np.log(ell_safe)
+        log_ell = xp.log(ell_safe)
         lse = m_shift + log_ell
-        lse_err = CERT_SAFETY * (1.02 * (gK + F) + RHO * np.abs(log_ell) + U * np.abs(lse))
-        bad = ~((sigma <= 0.01) & (F < 0.01) & np.isfinite(m_shift))
-        err = np.where(empty, 0.0, err)
-        out = np.where(empty, 0.0, out)
-        lse = np.where(empty, -np.inf, lse)
-        lse_err = np.where(empty, 0.0, lse_err)
+        lse_err = CERT_SAFETY * (1.02 * (gK + F) + RHO * xp.abs(log_ell) + U * xp.abs(lse))
+        bad = ~((sigma <= 0.01) & (F < 0.01) & xp.isfinite(m_shift))
+        err = xp.where(empty, 0.0, err)
+        out = xp.where(empty, 0.0, out)
+        lse = xp.where(empty, -xp.inf, lse)
+        lse_err = xp.where(empty, 0.0, lse_err)
         res = {
             "out": out, "err": err, "lse": lse[..., 0], "lse_err": lse_err[..., 0],
-            "row_scale": np.where(empty, 0.0, row_scale), "bad": (bad & ~empty)[..., 0],
+            "row_scale": xp.where(empty, 0.0, row_scale), "bad": (bad & ~empty)[..., 0],
         }
         if keep or need_p:
-            res["p"] = np.divide(e, ell_safe, out=e)  # e is a scratch buffer (not s_keep)
-            res["pi"] = np.where(empty, 0.0, 1.01 * (kappa + F + gK + U))[..., 0]
-            res["tau"] = np.where(empty, 0.0, 1.02 * tau_abs / ell_safe)[..., 0]
+            e /= ell_safe  # p; e is a scratch buffer (not s_keep)
+            res["p"] = e
+            res["pi"] = xp.where(empty, 0.0, 1.01 * (kappa + F + gK + U))[..., 0]
+            res["tau"] = xp.where(empty, 0.0, 1.02 * tau_abs / ell_safe)[..., 0]
         if keep:
             res["s"] = s_keep
     return res
+
+
+def _float_forward(pr: _Problem, keep: bool, need_p: bool) -> dict:
+    """The float64 pass on the host over all rows at once."""
+    return _forward_tile(NUMPY, pr.q, pr.k, pr.v, *pr.masks(NUMPY, None, 0, pr.q.shape[2]), pr.scale,
+                         keep, need_p)
+
+
+#: Host results of a tile: (key, per-row) copied back after each tile.
+_HOST_KEYS = ("out", "err", "lse", "lse_err", "row_scale", "bad", "pi", "tau")
+#: Default tile: about this many float64 elements of B*H*rows*Nk (1 GiB).
+TILE_ELEMENTS = 2**27
+
+
+def _default_tile_rows(pr: _Problem) -> int:
+    B, H, _, Nk, _ = pr.shape
+    return max(1, TILE_ELEMENTS // (B * H * Nk))
+
+
+def _tiled_forward(xp, dev, pr: _Problem, keep: bool, need_p: bool, tile: int) -> dict:
+    """`_forward_tile` over tiles of at most ``tile`` query rows (of every
+    batch and head at once). The per-row results come back to host NumPy
+    arrays; with ``keep`` s and p are written into full arrays in ``xp``.
+    Without ``keep`` no P is held: the gradients recompute it per tile.
+    ``dev`` holds q, k, v in ``xp`` (the device copies)."""
+    B, H, n, Nk, Dv = pr.shape
+    like = dev["like"]
+    res = {"out": np.empty((B, H, n, Dv)), "err": np.empty((B, H, n, Dv)), "lse": np.empty((B, H, n)),
+           "lse_err": np.empty((B, H, n)), "row_scale": np.empty((B, H, n, Dv)),
+           "bad": np.empty((B, H, n), dtype=bool)}
+    if keep or need_p:
+        res["pi"], res["tau"] = np.empty((B, H, n)), np.empty((B, H, n))
+    if keep:
+        res["s"] = xp.zeros((B, H, n, Nk), like=like)
+        res["p"] = xp.zeros((B, H, n, Nk), like=like)
+    elif need_p:
+        res["p_rows"] = {}  # P of rows recomputed on the host, for the gradients
+    for a in range(0, n, tile):
+        b = min(n, a + tile)
+        t = _forward_tile(xp, dev["q"][:, :, a:b], dev["k"], dev["v"], *pr.masks(xp, like, a, b),
+                          pr.scale, keep, keep or need_p)
+        for key in _HOST_KEYS:
+            if key in res:
+                res[key][:, :, a:b] = xp.to_numpy(t[key])
+        if keep:
+            res["s"][:, :, a:b] = t["s"]
+            res["p"][:, :, a:b] = t["p"]
+    return res
+
+
+def _put(arr, idx, value) -> None:
+    """arr[idx] = value for a NumPy array or a torch tensor (value from the host)."""
+    if is_torch(arr):
+        value = namespace(arr).asarray(value, like=arr)
+    arr[idx] = value
 
 
 def _certified_rows(res: dict, rtol: float) -> np.ndarray:
@@ -356,12 +464,15 @@ def _fill_mp_rows(pr: _Problem, res: dict, rows, prec: int, want_mp: bool = Fals
         res["lse"][b, h, i] = r.lse
         res["lse_err"][b, h, i] = r.lse_err
         res["row_scale"][b, h, i] = r.row_scale
-        if "p" in res:
-            res["p"][b, h, i] = r.p
+        if "pi" in res:
             res["pi"][b, h, i] = r.pi
             res["tau"][b, h, i] = r.tau
+        if "p" in res:
+            _put(res["p"], (b, h, i), r.p)
+        elif "p_rows" in res:
+            res["p_rows"][(b, h, i)] = r.p
         if "s" in res:
-            res["s"][b, h, i] = r.s
+            _put(res["s"], (b, h, i), r.s)
 
 
 # ---------------------------------------------------------------------------
@@ -419,40 +530,32 @@ def _backward(P, O, dO, Q, K, V, scale, pi, tau, E, u, groups, to_float):
     return dQ, dK, dV, CERT_SAFETY * edq, CERT_SAFETY * edk, CERT_SAFETY * edv
 
 
-def _float_grads(pr, res):
-    """dQ, dK, dV in float64 and their bounds (docs/oracle.md, "Gradients").
-
-    The bound of `_backward` rearranged so that no N x N matrix beyond P is
-    formed except dP (then X = dP - D, then dS, then a |dS|, in place) and
-    one bound matrix T, and every bound is a product with magnitudes: the
-    error of dS, plus the rounding of dS K and dS^T Q, is at most T_ij =
-    a_i |dS_ij| + P_ij (alpha_i ||v_j|| + beta_i) + t_i, so that
-    err(dQ) = |scale| (T |K|) and err(dK) = |scale| (T^T |Q|).
-    """
-    P, O, E, dO = res["p"], res["out"], res["err"], pr.dout
-    Q, K, V, scale = pr.q, pr.k, pr.v, pr.scale
-    Nq, Nk = P.shape[2:]
+def _grad_tile(xp, P, O, E, dO, Q, K, V, scale, pi, tau, Nq) -> dict:
+    """The float64 gradients and bounds of the query rows in ``P``, ``O``,
+    ``E``, ``dO``, ``Q`` (a tile; ``K``, ``V`` whole, ``Nq`` the number of
+    query rows of the whole problem). dQ and its bound are final; dK, dV
+    and their bounds are this tile's part of sums over query rows, finished
+    by `_grad_finish` (see `_float_grads`)."""
+    Nk = P.shape[3]
     Dv = V.shape[3]
-    pi, tau = res["pi"][..., None], res["tau"][..., None]
     gq, gk, gd = gamma(Nq), gamma(Nk), gamma(Dv)
-    with np.errstate(over="ignore", invalid="ignore"):
-        adO = np.abs(dO)
+    with xp.errstate(over="ignore", invalid="ignore"):
+        adO = xp.abs(dO)
         # dV = P^T dO and sum_i (pi_i + gq) P_ij |dO_ic| in one product
-        w = np.matmul(P.swapaxes(-1, -2), np.concatenate([dO, (pi + gq) * adO], axis=-1))
-        dV = np.ascontiguousarray(w[..., :Dv])
-        edv = w[..., Dv:] + (tau * adO).sum(axis=-2, keepdims=True) + U * np.abs(dV)
-        delta = np.einsum("bhic,bhic->bhi", dO, O)[..., None]
+        w = xp.matmul(P.swapaxes(-1, -2), xp.concatenate([dO, (pi + gq) * adO], axis=-1))
+        dV = xp.ascontiguousarray(w[..., :Dv])
+        edv = w[..., Dv:] + xp.sum(tau * adO, axis=-2, keepdims=True)
+        delta = xp.einsum("bhic,bhic->bhi", dO, O)[..., None]
         # |fl(D) - D|: O's error and the rounding of the row dot product
-        ed = (np.einsum("bhic,bhic->bhi", adO, E) + 1.01 * gd * np.einsum("bhic,bhic->bhi", adO, np.abs(O)))[..., None]
-        don = np.sqrt(np.einsum("bhic,bhic->bhi", dO, dO))[..., None] * (1 + gamma(Dv + 2))
-        vn = np.sqrt(np.einsum("bhjc,bhjc->bhj", V, V))[..., None, :] * (1 + gamma(Dv + 2))
-        ds = np.matmul(dO, V.swapaxes(-1, -2))  # dP; |fl(dP) - dP| <= gd ||dO_i|| ||v_j||
+        ed = (xp.einsum("bhic,bhic->bhi", adO, E) + 1.01 * gd * xp.einsum("bhic,bhic->bhi", adO, xp.abs(O)))[..., None]
+        don = xp.sqrt(xp.einsum("bhic,bhic->bhi", dO, dO))[..., None] * (1 + gamma(Dv + 2))
+        vn = xp.sqrt(xp.einsum("bhjc,bhjc->bhj", V, V))[..., None, :] * (1 + gamma(Dv + 2))
+        ds = xp.matmul(dO, V.swapaxes(-1, -2))  # dP; |fl(dP) - dP| <= gd ||dO_i|| ||v_j||
         ds -= delta  # X = dP - D
         ds *= P  # dS
-        dQ = np.matmul(ds, K)
+        dQ = xp.matmul(ds, K)
         dQ *= scale
-        dK = np.matmul(ds.swapaxes(-1, -2), Q)
-        dK *= scale
+        dK = xp.matmul(ds.swapaxes(-1, -2), Q)  # scaled in _grad_finish, after the sum over tiles
         # |dS^ - dS| <= (pi P + tau)|X^| + ((1 + pi) P + tau) ex with
         # ex = gd ||dO_i|| ||v_j|| + ed_i + u|X^|, and P |X^| <= |dS^| (1 + u);
         # with the u |dS^| of the product and gamma_N |dS^| of dS K (or
@@ -462,23 +565,22 @@ def _float_grads(pr, res):
         a = (1 + U) * pi + 2 * U + g_lo
         alpha = (1 + pi) * gd * don
         beta = (1 + pi) * ed
-        vmax = vn.max(axis=-1, keepdims=True)
-        xb = 1.01 * (don * vmax + np.abs(delta))
+        vmax = xp.amax(vn, axis=-1, keepdims=True)
+        xb = 1.01 * (don * vmax + xp.abs(delta))
         t = tau * ((1 + U) * xb + gd * don * vmax + ed)
-        T = np.multiply(alpha, vn)
+        T = xp.multiply(alpha, vn)
         T += beta
         T *= P
-        np.abs(ds, out=ds)
+        xp.abs(ds, out=ds)
         ds *= a
         T += ds
-        aK, aQ = np.abs(K), np.abs(Q)
+        aK, aQ = xp.abs(K), xp.abs(Q)
 
         def err_dq():
-            return abs(scale) * (np.matmul(T, aK) + t * aK.sum(axis=-2, keepdims=True)) + 2 * U * np.abs(dQ)
+            return abs(scale) * (xp.matmul(T, aK) + t * xp.sum(aK, axis=-2, keepdims=True)) + 2 * U * xp.abs(dQ)
 
-        def err_dk():
-            return abs(scale) * (np.matmul(T.swapaxes(-1, -2), aQ) + (t * aQ).sum(axis=-2, keepdims=True)) \
-                + 2 * U * np.abs(dK)
+        def err_dk():  # without |scale| and 2u|dK|: added once in _grad_finish
+            return xp.matmul(T.swapaxes(-1, -2), aQ) + xp.sum(t * aQ, axis=-2, keepdims=True)
 
         # T carries gamma of the shorter sum; the longer one (Nq != Nk) gets
         # the difference before its product
@@ -490,9 +592,77 @@ def _float_grads(pr, res):
         del ds
         e2 = second()
         edq, edk = (e1, e2) if gk <= gq else (e2, e1)
+    return {"dq": dQ, "edq": edq, "dk": dK, "edk": edk, "dv": dV, "edv": edv}
+
+
+def _grad_finish(xp, acc, scale):
+    """dK, dV and their bounds from the sums over tiles of `_grad_tile`'s
+    parts: the terms in the rounded results (the scale multiply, u |dK^|,
+    u |dV^|) once, at the end."""
+    with xp.errstate(over="ignore", invalid="ignore"):
+        dK = acc["dk"]
+        dK *= scale
+        edk = abs(scale) * acc["edk"] + 2 * U * xp.abs(dK)
+        dV = acc["dv"]
+        edv = acc["edv"] + U * xp.abs(dV)
+    return dK, dV, edk, edv
+
+
+def _float_grads(pr, res):
+    """dQ, dK, dV in float64 and their bounds (docs/oracle.md, "Gradients"),
+    on the host over all rows at once.
+
+    The bound of `_backward` rearranged so that no N x N matrix beyond P is
+    formed except dP (then X = dP - D, then dS, then a |dS|, in place) and
+    one bound matrix T, and every bound is a product with magnitudes: the
+    error of dS, plus the rounding of dS K and dS^T Q, is at most T_ij =
+    a_i |dS_ij| + P_ij (alpha_i ||v_j|| + beta_i) + t_i, so that
+    err(dQ) = |scale| (T |K|) and err(dK) = |scale| (T^T |Q|).
+    """
+    g = _grad_tile(NUMPY, res["p"], res["out"], res["err"], pr.dout, pr.q, pr.k, pr.v, pr.scale,
+                   res["pi"][..., None], res["tau"][..., None], pr.q.shape[2])
+    dK, dV, edk, edv = _grad_finish(NUMPY, g, pr.scale)
+    return _grads_out(pr, g["dq"], dK, dV, g["edq"], edk, edv)
+
+
+def _grads_out(pr, dQ, dK, dV, edq, edk, edv):
     dK, edk = _group_sum(dK, edk, pr.groups, U, np.abs)
     dV, edv = _group_sum(dV, edv, pr.groups, U, np.abs)
     return dQ, dK, dV, CERT_SAFETY * edq, CERT_SAFETY * edk, CERT_SAFETY * edv
+
+
+def _tiled_grads(xp, dev, pr, res, tile: int):
+    """`_grad_tile` over the same tiles as `_tiled_forward`: P of a tile is
+    the kept one or recomputed (the same computation as the forward's, so
+    the forward's pi and tau bound it), with the rows recomputed on the host
+    put in; dQ goes to the host per tile, the dK and dV parts are summed on
+    the device (a sum over query rows in some order, which gamma_Nq covers)."""
+    B, H, n, Nk, Dv = pr.shape
+    like = dev["like"]
+    dO = xp.asarray(pr.dout, like=like)
+    dQ, edq = np.empty(pr.q.shape), np.empty(pr.q.shape)
+    acc = None
+    for a in range(0, n, tile):
+        b = min(n, a + tile)
+        if "p" in res:
+            P = res["p"][:, :, a:b]
+        else:
+            P = _forward_tile(xp, dev["q"][:, :, a:b], dev["k"], dev["v"], *pr.masks(xp, like, a, b),
+                              pr.scale, False, True)["p"]
+            for (bb, hh, i), p_row in res["p_rows"].items():
+                if a <= i < b:
+                    _put(P, (bb, hh, i - a), p_row)
+        host = {key: xp.asarray(res[key][:, :, a:b], like=like) for key in ("out", "err", "pi", "tau")}
+        g = _grad_tile(xp, P, host["out"], host["err"], dO[:, :, a:b], dev["q"][:, :, a:b], dev["k"], dev["v"],
+                       pr.scale, host["pi"][..., None], host["tau"][..., None], n)
+        dQ[:, :, a:b], edq[:, :, a:b] = xp.to_numpy(g["dq"]), xp.to_numpy(g["edq"])
+        if acc is None:
+            acc = {key: g[key] for key in ("dk", "edk", "dv", "edv")}
+        else:
+            for key in acc:
+                acc[key] += g[key]
+    dK, dV, edk, edv = (xp.to_numpy(x) for x in _grad_finish(xp, acc, pr.scale))
+    return _grads_out(pr, dQ, dK, dV, edq, edk, edv)
 
 
 def _mp_grads(pr, res, prec):
@@ -527,9 +697,68 @@ def _check_mode(mode, prec, rtol_target):
                          f"certified more tightly), got {rtol_target!r}")
 
 
+def _resolve_device(device):
+    """None (the NumPy path) or a torch.device of type cpu or cuda that exists."""
+    if device is None:
+        return None
+    import torch
+
+    if isinstance(device, str):
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            raise ValueError(f"device {device!r} is not a device name; use None (NumPy), 'cpu', 'cuda' "
+                             f"or 'cuda:N'") from None
+    elif isinstance(device, torch.device):
+        dev = device
+    else:
+        raise ValueError(f"device must be None, a string such as 'cuda' or a torch.device, "
+                         f"got {type(device).__name__} {device!r}")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r}: the oracle runs on 'cpu' or 'cuda' (float64 with documented "
+                         f"exp/log accuracy), not {dev.type!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available to this torch {torch.__version__} "
+                             f"(CUDA build: {torch.version.cuda}); use device='cpu' or device=None")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) visible; "
+                             f"use an index below that")
+        # cuBLAS floating-point emulation (Ozaki scheme, opt-in through
+        # environment variables) is not IEEE FMA arithmetic, so gamma_n
+        # would not cover its DGEMM; torch offers no switch for it
+        emu = {name: val for name, val in os.environ.items()
+               if name.startswith("CUBLAS_EMULAT") and val not in ("", "0")}
+        if emu:
+            raise ValueError(f"device {device!r}: cuBLAS floating-point emulation settings {emu} are set; the "
+                             f"oracle's bound assumes native IEEE float64 GEMM: unset them for this process")
+    return dev
+
+
+def _check_tile_rows(tile_rows):
+    if tile_rows is None:
+        return None
+    if isinstance(tile_rows, bool) or not isinstance(tile_rows, (int, np.integer)) or tile_rows < 1:
+        raise ValueError(f"tile_rows must be a positive int (query rows per tile) or None, got {tile_rows!r}")
+    return int(tile_rows)
+
+
+def _device_arrays(pr: _Problem, dev) -> tuple:
+    """The namespace and q, k, v of the float pass: host NumPy for
+    ``dev=None``, else float64 tensors on ``dev`` (the host copies stay in
+    ``pr`` for the multiple-precision rows)."""
+    if dev is None:
+        return NUMPY, {"like": None, "q": pr.q, "k": pr.k, "v": pr.v}
+    import torch
+
+    like = torch.empty(0, dtype=torch.float64, device=dev)
+    xp = namespace(like)
+    return xp, {"like": like, **{name: xp.asarray(getattr(pr, name), like=like) for name in ("q", "k", "v")}}
+
+
 def attention(q, k, v, *, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
               mode="auto", keep=False, dout=None, rtol_target=DEFAULT_RTOL_TARGET,
-              prec=128, crosscheck_rows=0) -> AttentionResult:
+              prec=128, crosscheck_rows=0, device=None, rows=None, tile_rows=None) -> AttentionResult:
     """Certified ``scaled_dot_product_attention(q, k, v, ...)``.
 
     q: (B, H, Nq, D); k: (B, Hkv, Nk, D); v: (B, Hkv, Nk, Dv); NumPy arrays
@@ -541,38 +770,67 @@ def attention(q, k, v, *, attn_mask=None, is_causal=False, scale=None, enable_gq
     `crosscheck` at 256 bits (a fuzzing option) and raises
     `CertificationError` if one is off.
 
+    ``device`` None runs the float pass in NumPy on the host; "cpu", "cuda",
+    "cuda:N" or a torch.device run the same pass in torch float64 there, in
+    tiles of at most ``tile_rows`` query rows (default: about 2**27
+    elements of B*H*rows*Nk per tile; on the NumPy path tiles only when
+    given). Uncertified rows are recomputed on the host either way. Results
+    are host NumPy arrays; with ``keep`` s, p, q, k, v are in the float
+    pass's arrays (torch tensors on ``device``). ``rows=(i0, i1)`` computes
+    query rows i0 <= i < i1 only (masks and causality by global index;
+    ``mp_row_index`` holds global indices); not with ``dout``.
+
     >>> import numpy as np
     >>> q = np.ones((1, 1, 2, 2), np.float32)
     >>> v = np.array([[[[1.0, 2.0], [3.0, 4.0]]]], np.float32)
     >>> attention(q, q, v, is_causal=True).out[0, 0].tolist()
     [[1.0, 2.0], [2.0, 3.0]]
+    >>> attention(q, q, v, is_causal=True, rows=(1, 2)).out[0, 0].tolist()
+    [[2.0, 3.0]]
     """
     _check_mode(mode, prec, rtol_target)
     if not isinstance(keep, bool):
         raise TypeError(f"keep must be a bool, got {type(keep).__name__}")
     if isinstance(crosscheck_rows, bool) or not isinstance(crosscheck_rows, int) or crosscheck_rows < 0:
         raise ValueError(f"crosscheck_rows must be a non-negative int, got {crosscheck_rows!r}")
-    pr = _prepare(q, k, v, attn_mask, is_causal, scale, enable_gqa, dout)
+    dev = _resolve_device(device)
+    tile = _check_tile_rows(tile_rows)
+    pr = _prepare(q, k, v, attn_mask, is_causal, scale, enable_gqa, dout, rows=rows)
     B, H, Nq, Nk, Dv = pr.shape
-    res = _float_forward(pr, keep, need_p=dout is not None)
-    if mode == "mpmath":
-        rows = [(b, h, i) for b in range(B) for h in range(H) for i in range(Nq)]
-    elif mode == "auto":
-        rows = [tuple(int(x) for x in r) for r in np.argwhere(~_certified_rows(res, rtol_target))]
+    need_p = dout is not None
+    xp, arrays = _device_arrays(pr, dev)
+    untiled = dev is None and tile is None  # today's NumPy path, bit for bit
+    if untiled:
+        res = _float_forward(pr, keep, need_p)
     else:
-        rows = []
-    _fill_mp_rows(pr, res, rows, prec, want_mp=mode == "mpmath" and dout is not None)
+        tile = tile or _default_tile_rows(pr)
+        res = _tiled_forward(xp, arrays, pr, keep, need_p, tile)
+    if mode == "mpmath":
+        mp = [(b, h, i) for b in range(B) for h in range(H) for i in range(Nq)]
+    elif mode == "auto":
+        mp = [tuple(int(x) for x in r) for r in np.argwhere(~_certified_rows(res, rtol_target))]
+    else:
+        mp = []
+    _fill_mp_rows(pr, res, mp, prec, want_mp=mode == "mpmath" and dout is not None)
     certified = bool(_certified_rows(res, rtol_target).all())
     extra = {}
     if keep:
-        extra = {"s": res["s"], "p": res["p"], "q": pr.q, "k": pr.k, "v": pr.v}
+        extra = {"s": res["s"], "p": res["p"], "q": arrays["q"], "k": arrays["k"], "v": arrays["v"]}
     if dout is not None:
-        grads = _mp_grads(pr, res, prec) if mode == "mpmath" else _float_grads(pr, res)
+        if mode == "mpmath":
+            grads = _mp_grads(pr, res, prec)
+        elif untiled:
+            grads = _float_grads(pr, res)
+        else:
+            grads = _tiled_grads(xp, arrays, pr, res, tile)
         extra.update(zip(("dq", "dk", "dv", "dq_err_bound", "dk_err_bound", "dv_err_bound"), grads))
+    i0 = pr.row0
     result = AttentionResult(
         out=res["out"], lse=res["lse"], err_bound=res["err"], lse_err_bound=res["lse_err"],
-        row_scale=res["row_scale"], mp_rows=len(rows), mode=mode, prec=prec, scale=pr.scale,
-        rtol_target=float(rtol_target), certified=certified, mp_row_index=tuple(rows), **extra,
+        row_scale=res["row_scale"], mp_rows=len(mp), mode=mode, prec=prec, scale=pr.scale,
+        rtol_target=float(rtol_target), certified=certified,
+        mp_row_index=tuple((b, h, i + i0) for b, h, i in mp),
+        row_range=None if rows is None else (i0, i0 + Nq), **extra,
     )
     if crosscheck_rows:
         rep = crosscheck(result, q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
@@ -605,7 +863,9 @@ def crosscheck(result: AttentionResult, q, k, v, *, attn_mask=None, is_causal=Fa
     is exact (rational arithmetic), with the high-precision row's own tiny
     bound added to ``result``'s.
 
-    Use as ``assert crosscheck(r, q, k, v).ok``.
+    Use as ``assert crosscheck(r, q, k, v).ok``. A result of ``rows=``
+    is checked on its rows (``result.row_range``); rows are reported by
+    global index.
     """
     if not isinstance(result, AttentionResult):
         raise TypeError(f"result must be an AttentionResult, got {type(result).__name__}")
@@ -613,7 +873,7 @@ def crosscheck(result: AttentionResult, q, k, v, *, attn_mask=None, is_causal=Fa
         raise ValueError(f"rows must be a positive int, got {rows!r}")
     if not isinstance(prec, int) or prec < 2 * MIN_PREC:
         raise ValueError(f"crosscheck needs prec >= {2 * MIN_PREC} bits, got {prec!r}")
-    pr = _prepare(q, k, v, attn_mask, is_causal, scale, enable_gqa, None)
+    pr = _prepare(q, k, v, attn_mask, is_causal, scale, enable_gqa, None, rows=result.row_range)
     B, H, Nq, Nk, Dv = pr.shape
     if result.out.shape != (B, H, Nq, Dv):
         raise ValueError(f"result has shape {result.out.shape}, inputs give {(B, H, Nq, Dv)}")
@@ -627,23 +887,24 @@ def crosscheck(result: AttentionResult, q, k, v, *, attn_mask=None, is_causal=Fa
         b, h, i = np.unravel_index(flat, (B, H, Nq))
         b, h, i = int(b), int(h), int(i)
         r = pr.mp_row(b, h, i, prec)
-        checked.append((b, h, i))
+        gi = i + pr.row0  # reported as global row indices
+        checked.append((b, h, gi))
         for c in range(Dv):
             diff = abs(Fraction(float(result.out[b, h, i, c])) - r.exact[c])
             allowed = Fraction(float(result.err_bound[b, h, i, c])) + Fraction(float(r.exact_err[c]))
             worst = max(worst, _ratio(diff, allowed))
             if diff > allowed:
-                failures.append(("out", b, h, i, c, float(diff), float(allowed)))
+                failures.append(("out", b, h, gi, c, float(diff), float(allowed)))
         lse = float(result.lse[b, h, i])
         if r.lse == -np.inf or lse == -np.inf:
             if r.lse != lse:
-                failures.append(("lse", b, h, i, -1, math.inf, 0.0))
+                failures.append(("lse", b, h, gi, -1, math.inf, 0.0))
             continue
         diff = abs(lse - r.lse)
         allowed = float(result.lse_err_bound[b, h, i]) + r.lse_err
         worst = max(worst, diff / allowed if allowed > 0 else (0.0 if diff == 0 else math.inf))
         if diff > allowed:
-            failures.append(("lse", b, h, i, -1, diff, allowed))
+            failures.append(("lse", b, h, gi, -1, diff, allowed))
     return CrosscheckReport(not failures, tuple(checked), worst, tuple(failures), prec)
 
 
