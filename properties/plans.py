@@ -50,6 +50,7 @@ __all__ = [
     "CHOICE_MAX",
     "DEFAULT_MAX_SCORES",
     "MASK_PLANE_CAP",
+    "NONFINITE_MAX_SCORES",
     "FEATURES",
     "N_CHOICES",
     "HEAD_DIM_CLASSES",
@@ -79,6 +80,10 @@ TRITON_BLOCK_SIZES = (16, 32, 64, 128)
 #: self-test in minutes; on CUDA they run on the device, tiled over query
 #: rows, and the strata's own caps decide (`SizeStratum.max_scores`).
 DEFAULT_MAX_SCORES = {"cpu": 2**16, "cuda": 2**35}
+
+#: Cap on B * H * Nq * Nk of cases with NaN/Inf inputs: their finite rows
+#: are judged against the host oracle of the case with those values zeroed.
+NONFINITE_MAX_SCORES = 2**20
 
 #: Cap on Nq * Nk when a case has an explicit mask: the mask's (Nq, Nk)
 #: plane is built on the host (2**26 entries: 128 MB as float16).
@@ -433,6 +438,8 @@ def case_from_plan(plan: Plan, raw, *, device: str = "cpu", max_scores: int | No
         max_scores = DEFAULT_MAX_SCORES[device]
     if stratum.max_scores is not None:
         max_scores = min(max_scores, stratum.max_scores)
+    if plan.magnitude == "nan-inf":  # judged against the host oracle of the zeroed case
+        max_scores = min(max_scores, NONFINITE_MAX_SCORES)
     c = _Choices(raw)
     fmt = plan.dtype
     nq_lo, nk_lo = stratum.nq[0], stratum.nk[0]

@@ -45,13 +45,13 @@ from hypothesis.errors import Flaky
 from flashcheck.properties.grads import DO_KINDS, DoDealer, with_output_gradient
 from flashcheck.properties.plans import DEFAULT_MAX_SCORES, PlanDealer, case_from_plan, feature_values
 from flashcheck.properties.strategies import plan_choices
-from flashcheck.verify import oracle as _oracle
 from flashcheck.verify.capabilities import Capabilities, describe_rule
-from flashcheck.verify.check import CaseResult, baseline_error, run_case
+from flashcheck.verify.check import BASELINE_MAX_SCORES, CaseResult, baseline_error, run_case
 from flashcheck.verify.findings import FindingTracker
 from flashcheck.verify.isolation import IsolatedTarget
 from flashcheck.verify.known import match
 from flashcheck.verify.profile import Profile, active, timed
+from flashcheck.verify.reference import FULL_MAX_SCORES, case_scores, reference
 from flashcheck.verify.targets import resolve_target
 
 __all__ = ["CampaignConfig", "ConfigError", "CampaignResult", "run_campaign", "save_repro", "support_floor"]
@@ -131,9 +131,12 @@ class CampaignConfig:
             raise ConfigError(str(exc)) from None
         if self.max_scores is None:
             self.max_scores = DEFAULT_MAX_SCORES[self.device]
+            if self.grad:  # gradients are certified untiled (flashcheck.verify.reference)
+                self.max_scores = min(self.max_scores, FULL_MAX_SCORES)
         try:
             self.values = feature_values(
-                dtypes=self.dtypes, sizes=self.sizes, lengths=("equal",) if self.equal_lengths else None,
+                device=self.device, dtypes=self.dtypes, sizes=self.sizes,
+                lengths=("equal",) if self.equal_lengths else None,
                 heads=self.heads, head_dims=self.head_dims, dvs=("same",) if self.same_dv else None,
                 masks=self.masks, layouts=self.layouts, magnitudes=self.magnitudes)
         except ValueError as exc:
@@ -345,15 +348,18 @@ def run_campaign(cfg: CampaignConfig) -> CampaignResult:
             if cfg.grad:
                 kind = cfg.do_dealer.deal()
                 case = with_output_gradient(case, kind if finite or kind != "delta-cancel" else "normal")
-        ref = None
+        ref, bounds = None, {}
+        live = [r for r in runners if not caps[r.name].declines(plan)]
         if finite:
             # The oracle failing (or its cross-check) is a harness bug: let it surface.
-            with timed("oracle"):
-                ref = _oracle.attention_case(case, keep=True, with_grad=cfg.grad, crosscheck_rows=cfg.crosscheck)
+            models = [r.model_for(case.dtype, cfg.device) for r in live]
+            ref, bounds = reference(case, device=cfg.device, models=models, with_grad=cfg.grad,
+                                    crosscheck_rows=cfg.crosscheck)
         with timed("baseline"):
-            base_err = baseline_error(case, ref) if ref is not None else None
+            small = case_scores(case) <= BASELINE_MAX_SCORES
+            base_err = baseline_error(case, ref) if ref is not None and small else None
         result.cases += 1
-        worst, bounds = None, {}
+        worst = None
         for runner in runners:
             cap = caps[runner.name]
             if cap.declines(plan):

@@ -141,7 +141,8 @@ def setup_fuzz(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-seq", type=int, default=None,
                         help="cap on Nq and Nk (default: the size strata's own, up to 1536 on cpu)")
     parser.add_argument("--max-scores", type=int, default=None,
-                        help="cap on B*H*Nq*Nk per case (default 2**16 on cpu, 2**20 on cuda)")
+                        help="cap on B*H*Nq*Nk per case (default 2**16 on cpu; on cuda the strata's own caps, "
+                             "2**26 with --grad)")
     parser.add_argument("--timeout", type=float, default=300.0, help="per-case timeout of a target in seconds")
     parser.add_argument("--no-isolate", action="store_true", help="run targets in this process (no crash isolation)")
     parser.add_argument("--shard", default="0/1", metavar="I/N",
@@ -149,8 +150,9 @@ def setup_fuzz(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--masks", default=None, help="comma-separated mask kinds (default: all): none, causal, "
                         "bool-random, additive, sliding-window, fully-masked-rows")
     parser.add_argument("--magnitudes", default=None, help="comma-separated magnitude classes (default: all)")
-    parser.add_argument("--sizes", default=None, help="comma-separated size strata (default: all): tiny, one-tile, "
-                        "key-tiles, query-tiles, both-tiles, long")
+    parser.add_argument("--sizes", default=None, help="comma-separated size strata (default: the device's): tiny, "
+                        "one-tile, key-tiles, query-tiles, both-tiles, long; on cuda also decode, past-64k and "
+                        "(only when named) huge")
     parser.add_argument("--heads", default=None, help="comma-separated head layouts (default: all): MHA, MQA, GQA")
     parser.add_argument("--layouts", default=None, help="comma-separated memory layouts (default: all): "
                         "contiguous, bnhd, strided")
@@ -185,7 +187,7 @@ def run_fuzz(args: argparse.Namespace) -> int:
     from flashcheck.properties.grads import DO_KINDS
     from flashcheck.properties.inputs import MAGNITUDES
     from flashcheck.properties.masks import MASK_KINDS
-    from flashcheck.properties.plans import HEAD_KINDS, SIZE_STRATA
+    from flashcheck.properties.plans import HEAD_KINDS, strata_names
     from flashcheck.verify.campaign import CampaignConfig, ConfigError, run_campaign
     from flashcheck.verify.targets import TargetError
 
@@ -211,7 +213,8 @@ def run_fuzz(args: argparse.Namespace) -> int:
             seed=args.seed, device=args.device, model=args.model, out=args.out, max_seq=args.max_seq,
             max_scores=args.max_scores, masks=_names(args.masks, "mask kind", MASK_KINDS),
             magnitudes=_names(args.magnitudes, "magnitude class", MAGNITUDES), crosscheck=args.crosscheck,
-            sizes=_names(args.sizes, "size stratum", SIZE_STRATA), heads=_names(args.heads, "head layout", HEAD_KINDS),
+            sizes=_names(args.sizes, "size stratum", strata_names("cuda", every=True)),
+            heads=_names(args.heads, "head layout", HEAD_KINDS),
             layouts=_names(args.layouts, "layout", LAYOUTS), head_dims=_head_dims(args.head_dims),
             equal_lengths=args.equal_lengths, same_dv=args.same_dv, exploit=args.exploit,
             timeout=args.timeout, isolate=not args.no_isolate, progress=not args.no_progress, shard=(index, count),
