@@ -1,6 +1,6 @@
 """Bounds of generated cases, for comparing two versions of the bound code.
 
-    PYTHONPATH=<tree> python scripts/bound_identity.py OUT.pkl [N_CASES] [SEED]
+    PYTHONPATH=<tree> python scripts/bound_identity.py OUT.pkl [N_CASES] [SEED] [MAX_SCORES]
 
 writes, for ``N_CASES`` cases dealt over every feature (dtypes, masks,
 GQA/MQA, lengths, block sizes), the forward bound of every named model for
@@ -18,7 +18,7 @@ import sys
 import numpy as np
 
 
-def cases(n, seed=0):
+def cases(n, seed=0, max_scores=None):
     """(case, ref) pairs: generated cases with an output gradient and the oracle's intermediates."""
     from flashcheck.properties.grads import DoDealer, with_output_gradient
     from flashcheck.properties.plans import CHOICE_MAX, N_CHOICES, PlanDealer, case_from_plan, feature_values
@@ -29,7 +29,8 @@ def cases(n, seed=0):
     done = 0
     while done < n:
         plan = dealer.deal()
-        case = case_from_plan(plan, rng.integers(0, CHOICE_MAX + 1, N_CHOICES), block_kind="numpy")
+        case = case_from_plan(plan, rng.integers(0, CHOICE_MAX + 1, N_CHOICES), block_kind="numpy",
+                              max_scores=max_scores)
         try:
             case = with_output_gradient(case, dos.deal())
             ref = attention_case(case, keep=True, with_grad=True)
@@ -96,6 +97,7 @@ if __name__ == "__main__":
         sys.exit(0 if compare(sys.argv[2], sys.argv[3]) else 1)
     n = int(sys.argv[2]) if len(sys.argv) > 2 else 200
     seed = int(sys.argv[3]) if len(sys.argv) > 3 else 0
-    res = [bounds_of(case, ref) for case, ref in cases(n, seed)]
+    max_scores = int(sys.argv[4]) if len(sys.argv) > 4 else None
+    res = [bounds_of(case, ref) for case, ref in cases(n, seed, max_scores)]
     with open(sys.argv[1], "wb") as f:
         pickle.dump(res, f)
