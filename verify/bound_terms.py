@@ -15,6 +15,12 @@ same way: the forward bound and the math backend's gradient bound
 
 The hardware figures these terms use (tf32 conversion, ex2.approx) come
 from the one catalogue, `flashcheck.kernels.models`.
+
+Every function takes NumPy arrays or torch float64 tensors (one device)
+and computes with the same library (`flashcheck.verify._xp`): one formula
+for both. On NumPy inputs the results are bit for bit those of the plain
+NumPy code; on torch they agree to float64 rounding (reductions may sum in
+another order), which the bounds' evaluation margins absorb.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import numpy as np
 
 from flashcheck.kernels.models import TF32_CONVERSION_REL_ERR
 from flashcheck.kernels.precision import FORMATS, PrecisionModel, to_float64
+from flashcheck.verify._xp import is_torch, namespace
 
 __all__ = [
     "EVAL_MARGIN",
@@ -32,6 +39,7 @@ __all__ = [
     "KeyErrors",
     "acc_underflow",
     "additive_mask_abs",
+    "count",
     "dot_error",
     "exp_underflow",
     "exp_unit",
@@ -39,10 +47,12 @@ __all__ = [
     "half_subnormal",
     "key_errors",
     "largest_terms",
+    "largest_value",
     "logit_product_error",
     "mask_logit_error",
     "mask_unit",
     "normalise_unit",
+    "on_device",
     "p_times_expm1",
     "scale_constant_error",
     "scale_constant_unit",
@@ -71,12 +81,39 @@ _DOT_EVAL_MARGIN = 1.0 + 2.0**-40
 SCALE_CONST_U = FORMATS["fp32"].u * (1 + 2.0**-28)
 
 
+def on_device(x, like, name="value"):
+    """``x`` (a NumPy array of any float dtype, ml_dtypes bf16 included, or
+    a torch tensor) as exact float64 values in ``like``'s library and on its
+    device; None stays None. With a NumPy ``like`` a NumPy ``x`` is returned
+    as it is (the NumPy bounds use the oracle's arrays unchanged)."""
+    if x is None:
+        return None
+    if not is_torch(like):
+        return to_float64(x) if is_torch(x) else x
+    if is_torch(x):
+        if x.dtype == like.dtype and x.device == like.device:
+            return x
+        return x.detach().to(device=like.device, dtype=like.dtype)  # every float format embeds in float64
+    if not isinstance(x, (np.ndarray, np.generic, float, int)):
+        raise TypeError(f"{name} must be a NumPy array or a torch tensor, got {type(x).__name__}")
+    return namespace(like).asarray(to_float64(x), like=like)
+
+
+def count(x):
+    """An integer count array (e.g. ``finite.sum(-1)``) as float64: torch
+    would turn ``int_tensor * python_float`` into float32. Exact for counts
+    below 2**53, so NumPy results do not change."""
+    return namespace(x).astype(x, np.float64) if is_torch(x) else np.asarray(x).astype(np.float64)
+
+
 def gamma(n, u):
-    """Higham's gamma_n = n u / (1 - n u), elementwise; inf where n u >= 1."""
-    n = np.asarray(n, dtype=np.float64)
-    nu = n * u
-    with np.errstate(divide="ignore"):
-        return np.where(nu < 1.0, nu / np.maximum(1.0 - nu, 0.0), np.inf)
+    """Higham's gamma_n = n u / (1 - n u), elementwise; inf where n u >= 1.
+    A scalar ``n`` gives a NumPy float64 scalar (which torch tensors accept)."""
+    xp = namespace(n)
+    nu = (count(n) if is_torch(n) else np.asarray(n, dtype=np.float64)) * u
+    with xp.errstate(divide="ignore"):
+        g = xp.where(nu < 1.0, nu / xp.maximum(1.0 - nu, 0.0), xp.inf)
+    return g if is_torch(g) or g.ndim else g[()]
 
 
 def unit(fmt: str, rounding: str = "nearest") -> float:
@@ -113,15 +150,17 @@ def acc_underflow(n_ops, fmt: str, rounding: str = "nearest"):
     """Absolute error that ``n_ops`` rounded operations into ``fmt`` may add
     in its subnormal range, where rounding is absolute: half a subnormal
     spacing each when rounding to nearest, a whole one when truncating."""
+    n_ops = count(n_ops) if is_torch(n_ops) else n_ops
     return n_ops * FORMATS[fmt].smallest_subnormal * (1.0 if rounding == "zero" else 0.5)
 
 
 def p_times_expm1(p: np.ndarray, e: np.ndarray) -> np.ndarray:
     """p * (e^e - 1) for p in [0, 1], e >= 0, with no overflow for tiny p:
     the change of a weight P whose logit moved by at most e."""
-    with np.errstate(divide="ignore", over="ignore"):
-        big = np.exp(np.where(p > 0, np.log(np.where(p > 0, p, 1.0)) + e, -np.inf))
-        return np.where(e < 30, p * np.expm1(np.minimum(e, 30)), big)
+    xp = namespace(p, e)
+    with xp.errstate(divide="ignore", over="ignore"):
+        big = xp.exp(xp.where(p > 0, xp.log(xp.where(p > 0, p, 1.0)) + e, -xp.inf))
+        return xp.where(e < 30, p * xp.expm1(xp.minimum(e, 30)), big)
 
 
 def tf32_operand_terms(model: PrecisionModel) -> tuple[float, float, float]:
@@ -169,17 +208,18 @@ def scaled_dot_error(q, k, scale, model: PrecisionModel):
     charged by `scale_constant_error`, and mag includes it.
     """
     scale = abs(float(scale))
-    qk = q @ np.swapaxes(k, -1, -2)
+    xp = namespace(q, k)
+    qk = q @ xp.swapaxes(k, -1, -2)
     u_dot = unit(model.qk_acc, model.acc_rounding)
     if model.scaling == "sqrt-qk":
         c_up = np.sqrt(scale) * (1 + SCALE_CONST_U)
         u32 = unit("fp32")
-        e_dot = dot_error(c_up * np.abs(q), np.swapaxes(c_up * np.abs(k), -1, -2), q.shape[-1], u_dot,
+        e_dot = dot_error(c_up * xp.abs(q), xp.swapaxes(c_up * xp.abs(k), -1, -2), q.shape[-1], u_dot,
                           2 * u32 + u32**2, eta=half_subnormal("fp32"))
-        return qk, e_dot, np.abs(scale * qk) * (1 + scale_constant_unit(model)) + e_dot
+        return qk, e_dot, xp.abs(scale * qk) * (1 + scale_constant_unit(model)) + e_dot
     tau = tf32_operand_terms(model)[0]
-    e_dot = scale * dot_error(np.abs(q), np.swapaxes(np.abs(k), -1, -2), q.shape[-1], u_dot, tau)
-    return qk, e_dot, np.abs(scale * qk) + e_dot
+    e_dot = scale * dot_error(xp.abs(q), xp.swapaxes(xp.abs(k), -1, -2), q.shape[-1], u_dot, tau)
+    return qk, e_dot, xp.abs(scale * qk) + e_dot
 
 
 def scale_constant_unit(model: PrecisionModel) -> float:
@@ -199,7 +239,7 @@ def logit_product_error(model: PrecisionModel, mag):
     ``"sqrt-qk"``, whose dot product already is the logit, unless it is
     held in another format than its accumulator."""
     if model.scaling == "sqrt-qk" and model.logits == model.qk_acc:
-        return np.zeros_like(mag)
+        return namespace(mag).zeros_like(mag)
     return unit(model.logits) * mag
 
 
@@ -218,10 +258,20 @@ def scale_constant_error(factor, magnitude, unit_c=SCALE_CONST_U):
     return unit_c * factor * magnitude
 
 
-def additive_mask_abs(attn_mask, shape) -> np.ndarray:
+def additive_mask_abs(attn_mask, shape, like=None) -> np.ndarray:
     """|a| of an additive (float) mask broadcast to the logits' ``shape``;
     zeros for no mask or a boolean one, and where a is -inf (a masked key,
-    which drops out rather than carrying an error)."""
+    which drops out rather than carrying an error). With a torch ``like``
+    (the logits) the result is a float64 tensor on its device, the mask
+    (NumPy, any float dtype, or a tensor) converted exactly first."""
+    if is_torch(like):
+        xp = namespace(like)
+        is_bool = attn_mask is not None and (attn_mask.dtype == xp.bool_ if is_torch(attn_mask)
+                                             else np.asarray(attn_mask).dtype == bool)
+        if attn_mask is None or is_bool:
+            return xp.zeros(shape, like=like)
+        a = xp.broadcast_to(xp.abs(on_device(attn_mask, like, "attn_mask")), shape)
+        return xp.where(xp.isfinite(a), a, 0.0)
     if attn_mask is not None and hasattr(attn_mask, "detach"):  # a torch tensor (bf16 has no NumPy view)
         attn_mask = attn_mask.detach().cpu().numpy() if str(attn_mask.dtype) == "torch.bool" else to_float64(attn_mask)
     if attn_mask is None or np.asarray(attn_mask).dtype == bool:
@@ -242,7 +292,7 @@ def mask_logit_error(a, logit_mag, model: PrecisionModel):
     `mask_unit` * |a|, plus, where there is a mask term, the rounding of the
     sum to ``model.logits``: u_logits * ``logit_mag``, a bound on the
     magnitude of the sum as computed."""
-    return mask_unit(model) * a + np.where(a > 0, unit(model.logits) * logit_mag, 0.0)
+    return mask_unit(model) * a + namespace(a).where(a > 0, unit(model.logits) * logit_mag, 0.0)
 
 
 @dataclass
@@ -292,33 +342,39 @@ def key_errors(q, k, s, scale, model: PrecisionModel, attn_mask=None, count_resc
     u_exp = exp_unit(model)
     u_resc = unit(model.rescale) + model.exp_rel_err
     u_c = scale_constant_unit(model)
-    finite = np.isfinite(s)
+    xp = namespace(s)
+    finite = xp.isfinite(s)
     masked_row = ~finite.any(-1)
-    m = np.where(masked_row, 0.0, np.max(np.where(finite, s, -np.inf), axis=-1))
-    s0 = np.where(finite, s, 0.0)
+    s_vis = xp.where(finite, s, -xp.inf)
+    m = xp.where(masked_row, 0.0, xp.amax(s_vis, axis=-1))
+    s0 = xp.where(finite, s, 0.0)
     qk, e_dot, mag = scaled_dot_error(q, k, scale, model)
     e_mul = logit_product_error(model, mag)
-    a = additive_mask_abs(attn_mask, s.shape)
+    a = additive_mask_abs(attn_mask, s.shape, like=s)
     # The common rounding of the scale moves every logit of a row by the same
     # factor: centred on the row's max key it costs u_c |scale (S_j - S_max)|.
-    jmax = np.argmax(np.where(finite, s, -np.inf), axis=-1)
-    qk_max = np.take_along_axis(qk, jmax[..., None], axis=-1)
-    e_common_c = scale_constant_error(scale, np.abs(qk - qk_max), u_c)
-    e_common_abs = scale_constant_error(scale, np.abs(qk), u_c)
+    jmax = xp.argmax(s_vis, axis=-1)
+    del s_vis
+    qk_max = xp.take_along_axis(qk, jmax[..., None], axis=-1)
+    e_common_c = scale_constant_error(scale, xp.abs(qk - qk_max), u_c)
+    e_common_abs = scale_constant_error(scale, xp.abs(qk), u_c)
     if model.scaling == "sqrt-qk":
-        e_mask = mask_logit_error(a, np.abs(s0) + e_dot + e_common_abs, model)
+        e_mask = mask_logit_error(a, xp.abs(s0) + e_dot + e_common_abs, model)
     else:
-        e_mask = mask_logit_error(a, np.abs(s0) + e_dot, model)
+        e_mask = mask_logit_error(a, xp.abs(s0) + e_dot, model)
     e_logit = e_dot + e_mul + e_mask
-    row_err = np.max(np.where(finite, e_logit + e_common_c, 0.0), axis=-1)
+    row_err = xp.amax(xp.where(finite, e_logit + e_common_c, 0.0), axis=-1)
     # exp argument s - m_tile and the rescale exponents telescope to |s - m|.
-    e_sub = u_log * (np.abs(s0 - m[..., None]) + 2 * row_err[..., None])
+    e_sub = u_log * (xp.abs(s0 - m[..., None]) + 2 * row_err[..., None])
     # Each key's weight passes through its own exp and one exp per later rescale.
     tol = 2 * row_err + 1e-300
-    rescales = np.zeros(s.shape, dtype=np.int64) if count_rescales is None else count_rescales(tol)
-    e_expo = -np.log1p(-u_exp) + rescales * (-np.log1p(-u_resc))
-    e_c = np.where(finite, e_logit + e_common_c + e_sub + e_expo, 0.0)
-    e_abs = np.where(finite, e_logit + e_common_abs + e_sub + e_expo, 0.0)
+    if count_rescales is None:
+        rescales = xp.zeros(s.shape, like=s, dtype=xp.int64)
+    else:
+        rescales = count_rescales(tol)
+    e_expo = -np.log1p(-u_exp) + count(rescales) * (-np.log1p(-u_resc))
+    e_c = xp.where(finite, e_logit + e_common_c + e_sub + e_expo, 0.0)
+    e_abs = xp.where(finite, e_logit + e_common_abs + e_sub + e_expo, 0.0)
     return KeyErrors(qk, mag, a, e_logit, e_common_c, e_common_abs, row_err, e_sub, rescales, e_c, e_abs)
 
 
@@ -329,14 +385,15 @@ def weight_perturbation(s, p, e_c, model: PrecisionModel):
     max), the exact weights w = e^{s - m} and their sum l (1 on rows with
     no visible key), and s_pe = sum_j pe_j + n eta_exp / l, which bounds how
     far the computed weights' sum, relative to l, may move."""
-    finite = np.isfinite(s)
+    xp = namespace(s, p, e_c)
+    finite = xp.isfinite(s)
     masked_row = ~finite.any(-1)
-    m = np.where(masked_row, 0.0, np.max(np.where(finite, s, -np.inf), axis=-1))
-    s0 = np.where(finite, s, 0.0)
+    m = xp.where(masked_row, 0.0, xp.amax(xp.where(finite, s, -xp.inf), axis=-1))
+    s0 = xp.where(finite, s, 0.0)
     pe = p_times_expm1(p, e_c)
-    w_exact = np.exp(np.where(finite, s0 - m[..., None], -np.inf))
-    ell = np.where(masked_row, 1.0, np.sum(w_exact, axis=-1))
-    s_pe = np.sum(pe, axis=-1) + exp_underflow(model) * finite.sum(-1) / ell
+    w_exact = xp.exp(xp.where(finite, s0 - m[..., None], -xp.inf))
+    ell = xp.where(masked_row, 1.0, xp.sum(w_exact, axis=-1))
+    s_pe = xp.sum(pe, axis=-1) + exp_underflow(model) * count(finite.sum(-1)) / ell
     return pe, w_exact, ell, s_pe
 
 
@@ -364,24 +421,37 @@ def stored_p_error(p, pe, s_pe, theta, n_keys, ell, finite, model: PrecisionMode
     P~_max = (1 + u_norm) / (1 - theta) + eta_p; rows with theta >= 1/2 get
     inf. Returns ``(e_p, e_sum)``, e_p 0 on masked keys.
     """
+    xp = namespace(p, pe)
     u_norm = normalise_unit(model)
     eta_exp = exp_underflow(model)
     eta_p = half_subnormal(model.p)
     ok = (s_pe < 0.5) & (theta < 0.5)
-    den = np.where(ok, 1.0 - s_pe, 1.0)[..., None]
-    th = np.where(theta < 0.5, theta, 0.0)[..., None]
-    s_pe = np.where(ok, s_pe, 0.0)  # those rows take the fallback below
+    den = xp.where(ok, 1.0 - s_pe, 1.0)[..., None]
+    th = xp.where(theta < 0.5, theta, 0.0)[..., None]
+    s_pe = xp.where(ok, s_pe, 0.0)  # those rows take the fallback below
     rho_err = (pe + p * s_pe[..., None] + eta_exp / ell[..., None]) / den
     fine = rho_err + (p + rho_err) * (th + u_norm) / (1 - th) + eta_p
-    fine = np.where(ok[..., None], fine, np.inf)
+    fine = xp.where(ok[..., None], fine, xp.inf)
     p_max = (1 + u_norm) / (1 - th) + eta_p
-    e_p = np.minimum(fine, np.maximum(p, p_max))
-    e_p = np.where((theta < 0.5)[..., None], e_p, np.inf)
-    e_sum = np.where(theta < 0.5, (u_norm + th[..., 0]) / (1 - th[..., 0]) + n_keys * eta_p, np.inf)
-    return np.where(finite, e_p, 0.0), e_sum
+    e_p = xp.minimum(fine, xp.maximum(p, p_max))
+    e_p = xp.where((theta < 0.5)[..., None], e_p, xp.inf)
+    e_sum = xp.where(theta < 0.5, (u_norm + th[..., 0]) / (1 - th[..., 0]) + count(n_keys) * eta_p, xp.inf)
+    return xp.where(finite, e_p, 0.0), e_sum
 
 
 def largest_terms(**terms) -> dict:
     """The largest value of each named term array, as floats (0 for an empty
-    array): the ``terms`` summary a bound reports for debugging."""
-    return {name: float(np.max(value, initial=0.0)) for name, value in terms.items()}
+    array): the ``terms`` summary a bound reports for debugging. Torch
+    tensors are reduced on their device (one scalar copied back each)."""
+    return {name: largest_value(value) for name, value in terms.items()}
+
+
+def largest_value(value) -> float:
+    """max(0, max(value)) as a float, NaN propagating (NumPy's
+    ``np.max(value, initial=0.0)``), for NumPy arrays and torch tensors."""
+    if not is_torch(value):
+        return float(np.max(value, initial=0.0))
+    if value.numel() == 0:
+        return 0.0
+    top = float(value.amax())
+    return top if not top < 0.0 else 0.0  # max(initial=0): NaN propagates

@@ -19,8 +19,10 @@ import numpy as np
 
 from flashcheck.kernels.models import LG2_APPROX_ABS_ERR
 from flashcheck.kernels.precision import FORMATS, PrecisionModel
+from flashcheck.verify._xp import is_torch, namespace, to_numpy
 from flashcheck.verify.bound_terms import (
     acc_underflow,
+    count,
     exp_underflow,
     exp_unit,
     gamma,
@@ -28,13 +30,14 @@ from flashcheck.verify.bound_terms import (
     key_errors,
     largest_terms,
     normalise_unit,
+    on_device,
     p_times_expm1,
     tf32_operand_terms,
     unit,
     weight_perturbation,
 )
 
-__all__ = ["Bound", "attention_bound", "rescale_counts", "softmax_bound"]
+__all__ = ["CENTRED_ROW_WORK", "Bound", "attention_bound", "rescale_counts", "softmax_bound"]
 
 
 @dataclass
@@ -54,55 +57,92 @@ class Bound:
     terms: dict = field(default_factory=dict)
 
 
-def _records_after(s: np.ndarray, tol: np.ndarray) -> np.ndarray:
+def _records_after(s, tol):
     """For each key j of each row, how many later keys may raise the running
     max (in increasing key order): each such raise is one rescale of the
     partial sums that already hold key j. A key within ``tol`` of the running
     max counts, since rounding may or may not make it a new max."""
-    prev = np.maximum.accumulate(s, axis=-1)
-    prev = np.concatenate([np.full(s.shape[:-1] + (1,), -np.inf), prev[..., :-1]], axis=-1)
-    with np.errstate(invalid="ignore"):
-        maybe = np.isfinite(s) & (s >= prev - tol[..., None])
-    counts = np.cumsum(maybe[..., ::-1], axis=-1)[..., ::-1]  # keys >= j
-    return counts - maybe  # strictly after j
+    xp = namespace(s, tol)
+    run = xp.cummax(s, axis=-1)
+    maybe = xp.isfinite(s)  # the first key always sets the max
+    with xp.errstate(invalid="ignore"):
+        maybe[..., 1:] &= s[..., 1:] >= run[..., :-1] - tol[..., None]
+    del run
+    counts = xp.flip(xp.cumsum(xp.flip(maybe, axis=-1), axis=-1), axis=-1)  # keys >= j
+    counts -= xp.astype(maybe, xp.int64)  # strictly after j
+    return counts
 
 
-def _logsumexp(x: np.ndarray) -> np.ndarray:
-    m = np.max(x, axis=-1)
-    m0 = np.where(np.isfinite(m), m, 0.0)
-    with np.errstate(divide="ignore"):
-        return m0 + np.log(np.sum(np.exp(x - m0[..., None]), axis=-1))
+def _logsumexp(x):
+    xp = namespace(x)
+    m = xp.amax(x, axis=-1)
+    m0 = xp.where(xp.isfinite(m), m, 0.0)
+    with xp.errstate(divide="ignore"):
+        return m0 + xp.log(xp.sum(xp.exp(x - m0[..., None]), axis=-1))
 
 
-def rescale_counts(s: np.ndarray, tol: np.ndarray, partition=None) -> np.ndarray:
+def rescale_counts(s, tol, partition=None):
     """Per key, an upper bound on the rescales that reach it after it entered
     the running sums, for increasing or decreasing key order (§3). With a
     ``partition`` (split-KV: a list of key index arrays, each part processed
     on its own and the parts merged), counts are taken within each part and
-    every merge adds one more rescale."""
+    every merge adds one more rescale. Integer counts (int64), in ``s``'s
+    library and on its device; row-local (row i reads only row i of s, tol)."""
+    xp = namespace(s, tol)
     if partition is None:
         fwd = _records_after(s, tol)
-        bwd = _records_after(s[..., ::-1], tol)[..., ::-1]
-        return np.maximum(fwd, bwd)
-    counts = np.zeros(s.shape, dtype=np.int64)
+        bwd = xp.flip(_records_after(xp.flip(s, axis=-1), tol), axis=-1)
+        return xp.maximum(fwd, bwd, out=fwd)
+    counts = xp.zeros(s.shape, like=s, dtype=xp.int64)
     for part in partition:
-        idx = np.asarray(part, dtype=np.int64)
+        idx = np.asarray(to_numpy(part), dtype=np.int64)
         if idx.size:
+            idx = xp.asarray(idx, like=s, dtype=xp.int64)
             counts[..., idx] = rescale_counts(s[..., idx], tol) + len(partition)
     return counts
 
 
-def _centred_sum(w: np.ndarray, v: np.ndarray, o: np.ndarray, max_work: float = 2e8) -> np.ndarray:
-    """sum_j w_ij |V_jc - O_ic| over (B, H, Nq, Nk) weights, exactly when
-    affordable, else via |V - O| <= |V| + |O| (still an upper bound)."""
-    B, H, Nq, Nk = w.shape
-    Dv = v.shape[-1]
-    if B * H * Nq * Nk * Dv <= max_work:
-        out = np.empty(o.shape)
+#: Largest work per query row (Nk * Dv) for which §4's centred sum is
+#: evaluated exactly; above it, via |V - O| <= |V| + |O|. A per-row figure,
+#: so that a row's bound does not depend on how many rows are evaluated with it.
+CENTRED_ROW_WORK = 2**20
+# Elements of one (rows, Nk) temporary in the blocked evaluations below.
+_BLOCK_ELEMENTS = 2**24
+
+
+def _row_blocks(shape, n_keys):
+    """Slices over the query rows of a (B, H, Nq, ...) array, each of at most
+    about `_BLOCK_ELEMENTS` rows times keys (whole rows: at least one)."""
+    B, H, Nq = shape[:3]
+    rows = max(1, _BLOCK_ELEMENTS // max(1, B * H * n_keys))
+    return [slice(i, i + rows) for i in range(0, Nq, rows)]
+
+
+def _centred_sum(w, v, o):
+    """sum_j w_ij |V_jc - O_ic| over (B, H, Nq, Nk) weights, exactly when a
+    row's work Nk * Dv is at most `CENTRED_ROW_WORK`, else via |V - O| <=
+    |V| + |O| (still an upper bound). Row i's result reads only row i of w
+    and o, whatever the number of rows (blocks bound the temporaries)."""
+    xp = namespace(w, v, o)
+    Nk, Dv = v.shape[-2], v.shape[-1]
+    if Nk * Dv > CENTRED_ROW_WORK:
+        return w @ xp.abs(v) + w.sum(-1, keepdims=True) * xp.abs(o)
+    out = xp.zeros(o.shape, like=o)
+    for rows in _row_blocks(w.shape, Nk):
+        w_r, o_r = w[..., rows, :], o[..., rows, :]
         for c in range(Dv):
-            out[..., c] = np.einsum("bhij,bhij->bhi", w, np.abs(v[..., None, :, c] - o[..., :, c, None]))
-        return out
-    return w @ np.abs(v) + w.sum(-1, keepdims=True) * np.abs(o)
+            out[..., rows, c] = xp.einsum("bhij,bhij->bhi", w_r, xp.abs(v[..., None, :, c] - o_r[..., :, c, None]))
+    return out
+
+
+def _visible_vmax(finite, absv):
+    """max_j |V_jc| over each row's visible keys (0 for none), (B, H, Nq, Dv),
+    without a (B, H, Nq, Nk, Dv) temporary for the whole case."""
+    xp = namespace(finite, absv)
+    out = xp.zeros(finite.shape[:-1] + absv.shape[-1:], like=absv)
+    for rows in _row_blocks(finite.shape, finite.shape[-1] * absv.shape[-1]):
+        out[..., rows, :] = xp.amax(xp.where(finite[..., rows, :, None], absv[..., None, :, :], 0.0), axis=-2)
+    return out
 
 
 def attention_bound(ref, model: PrecisionModel, *, attn_mask=None, block_n=None, partition=None) -> Bound:
@@ -120,6 +160,14 @@ def attention_bound(ref, model: PrecisionModel, *, attn_mask=None, block_n=None,
     A ``softmax="stored"`` model (torch's math backend) is bounded by the
     same §3-§4 with no rescales, then §5s-§6s: P normalised per element
     before an fp32 P V product, and no final division.
+
+    Devices: when ``ref.s`` is a torch float64 tensor (with q, k, v, p on
+    its device) every large intermediate is computed with torch there;
+    ``ref.out``, ``ref.lse`` and ``attn_mask`` may be NumPy arrays of any
+    float dtype or tensors, and are moved there exactly. The returned arrays
+    are always host NumPy arrays. Row-local: the bound of query rows i0:i1
+    (s, p, q, out, lse and the mask's query rows sliced) equals rows i0:i1
+    of the whole case's bound (docs/error-bounds.md, "Row locality").
     """
     for name in ("q", "k", "v", "s", "p", "out", "lse", "scale"):
         if getattr(ref, name, None) is None:
@@ -131,7 +179,20 @@ def attention_bound(ref, model: PrecisionModel, *, attn_mask=None, block_n=None,
         raise ValueError(f"model {model.name!r} has softmax='stored' (no partial states to merge): "
                          f"split-KV partitions apply to online models only; pass partition=None")
     del block_n
-    q, k, v, s, p, o = ref.q, ref.k, ref.v, ref.s, ref.p, ref.out
+    b = device_attention_bound(ref, model, attn_mask=attn_mask, partition=partition)
+    return Bound(out=to_numpy(b.out), lse=to_numpy(b.lse), fallback=to_numpy(b.fallback), terms=b.terms)
+
+
+def device_attention_bound(ref, model: PrecisionModel, *, attn_mask=None, partition=None) -> Bound:
+    """`attention_bound` (arguments checked there) with its arrays left in
+    ``ref.s``'s library and on its device, for callers that go on computing
+    there (the gradient bound)."""
+    stored = model.softmax == "stored"
+    s = ref.s
+    xp = namespace(s)
+    q, k, v, p = (_ref_array(ref, name, s) for name in ("q", "k", "v", "p"))
+    o = on_device(ref.out, s, "ref.out")
+    ref_lse = on_device(ref.lse, s, "ref.lse")
     scale = abs(float(ref.scale))
 
     # --- units (section 2) ----------------------------------------------
@@ -143,25 +204,25 @@ def attention_bound(ref, model: PrecisionModel, *, attn_mask=None, block_n=None,
     u_out = 0.0 if model.out == model.pv_acc else unit(model.out)
     exp2 = model.exp_impl == "exp2"
 
-    finite = np.isfinite(s)
+    finite = xp.isfinite(s)
     masked_row = ~finite.any(-1)
 
     # --- per-key logit errors (section 3) ---------------------------------
     ke = key_errors(q, k, s, scale, model, attn_mask,
                     None if stored else (lambda tol: rescale_counts(s, tol, partition)))
     mag_sS, a, rescales, e_c, e_abs = ke.mag, ke.a, ke.rescales, ke.e_c, ke.e_abs
-    n_resc_row = np.max(np.where(finite, rescales, 0), axis=-1) + 1
+    n_resc_row = xp.amax(xp.where(finite, rescales, 0), axis=-1) + 1
     if partition is not None:
         n_resc_row = n_resc_row + len(partition)  # each merge also adds its two halves
-    with np.errstate(over="ignore"):
-        E = np.expm1(e_c)  # may be inf for keys far below the max: only P E is used then
+    with xp.errstate(over="ignore"):
+        E = xp.expm1(e_c)  # may be inf for keys far below the max: only P E is used then
     # Absolute errors of exp results that underflow (ftz on GPUs).
     eta_exp = exp_underflow(model)
 
     # --- (4) weight perturbations: centred, rigorous ----------------------
     PE, w_exact, ell, sPE_eta = weight_perturbation(s, p, e_c, model)
-    fallback = (sPE_eta >= 0.5) | ~np.isfinite(sPE_eta)
-    denom1 = np.where(fallback, 1.0, 1.0 - sPE_eta)
+    fallback = (sPE_eta >= 0.5) | ~xp.isfinite(sPE_eta)
+    denom1 = xp.where(fallback, 1.0, 1.0 - sPE_eta)
     w = PE + finite * (eta_exp / ell)[..., None]
     err1 = _centred_sum(w, v, o) / denom1[..., None]
     p_up = (p + PE) / denom1[..., None]  # perturbed probabilities, upper bound
@@ -171,7 +232,7 @@ def attention_bound(ref, model: PrecisionModel, *, attn_mask=None, block_n=None,
     n_acc = n_keys + n_resc_row
     g_pv = gamma(n_acc, u_pv)[..., None]
     g_l = gamma(n_acc, u_l)
-    absv = np.abs(v)
+    absv = xp.abs(v)
     if stored:
         fallback |= g_l >= 0.5
         err2, err3, err4, coarse = _stored_output_terms(model, p, w, denom1, err1, o, absv, finite, n_keys, n_acc,
@@ -180,7 +241,7 @@ def attention_bound(ref, model: PrecisionModel, *, attn_mask=None, block_n=None,
         sum_pv = p_up @ absv
         eta_p = 0.0 if u_p == 0.0 else half_subnormal(model.p)
         tiny_p = FORMATS[model.p].tiny
-        with np.errstate(invalid="ignore"):
+        with xp.errstate(invalid="ignore"):
             maybe_sub = finite & ~(w_exact * (1 - E) >= tiny_p)  # NaN (0 * inf) counts as "may be subnormal"
         # tf32 models round both P and V to tf32 for the product as well.
         u_pp = (1 + u_p) * (1 + tf) - 1
@@ -197,8 +258,8 @@ def attention_bound(ref, model: PrecisionModel, *, attn_mask=None, block_n=None,
         num_err = num_err + acc_underflow(n_acc, model.pv_acc, model.acc_rounding)[..., None]
         theta = g_l
         fallback |= theta >= 0.5
-        theta = np.where(theta >= 0.5, 0.0, theta)
-        o_tilde = np.abs(o) + err1
+        theta = xp.where(theta >= 0.5, 0.0, theta)
+        o_tilde = xp.abs(o) + err1
         err2 = (num_err + o_tilde * theta[..., None]) / (1 - theta[..., None])
         o_c = o_tilde + err2
 
@@ -208,46 +269,54 @@ def attention_bound(ref, model: PrecisionModel, *, attn_mask=None, block_n=None,
         err4 = u_out * o_d + (half_subnormal(model.out) if u_out else 0.0)
         # Coarse rigorous fallback: the output is a weighted mean of V's rows
         # inflated by the accumulation and rounding factors.
-        vmax = np.max(np.where(finite[..., None], absv[..., None, :, :], 0.0), axis=-2) if fallback.any() else 0.0
-        coarse = np.abs(o) + vmax * (1 + u_p) * (1 + gamma(n_acc, u_pv))[..., None] / np.maximum(
+        vmax = _visible_vmax(finite, absv) if fallback.any() else 0.0
+        coarse = xp.abs(o) + vmax * (1 + u_p) * (1 + gamma(n_acc, u_pv))[..., None] / xp.maximum(
             1 - gamma(n_acc, u_l), 1e-300
         )[..., None] * (1 + u_div) * (1 + u_out) + half_subnormal(model.out)
     bound = err1 + err2 + err3 + err4
-    bound = np.where(fallback[..., None], coarse, bound)
-    bound = np.where(masked_row[..., None], 0.0, bound)
+    bound = xp.where(fallback[..., None], coarse, bound)
+    bound = xp.where(masked_row[..., None], 0.0, bound)
 
     # Logits that overflow their format break the model: no bound. So do
     # inputs that overflow when rounded to tf32 (its largest value is below fp32's).
-    big = np.max(np.where(finite, mag_sS + a, 0.0), axis=-1) > FORMATS[model.logits].max / 4
+    big = xp.amax(xp.where(finite, mag_sS + a, 0.0), axis=-1) > FORMATS[model.logits].max / 4
     if tf:
         tf_max = FORMATS["tf32"].max
-        over = (np.abs(q) > tf_max).any(-1) | (np.abs(k) > tf_max).any(-1).any(-1)[..., None]
-        over |= (np.abs(v) > tf_max).any(-1).any(-1)[..., None]
+        over = (xp.abs(q) > tf_max).any(-1) | (xp.abs(k) > tf_max).any(-1).any(-1)[..., None]
+        over |= (xp.abs(v) > tf_max).any(-1).any(-1)[..., None]
         big = big | over
-    bound = np.where(big[..., None], np.inf, bound)
+    bound = xp.where(big[..., None], xp.inf, bound)
 
     # --- (7) log-sum-exp ----------------------------------------------------
     # log sum_j P_j e^{e_j} bounds the weights' effect both ways (Jensen), and
     # stays finite however large the logit errors: LSE is 1-Lipschitz.
-    with np.errstate(divide="ignore"):
-        lse_w = _logsumexp(np.where(finite & (p > 0), np.log(p) + e_abs, -np.inf))
-    tail = eta_exp * n_keys / ell + g_l
+    with xp.errstate(divide="ignore"):
+        lse_w = _logsumexp(xp.where(finite & (p > 0), xp.log(p) + e_abs, -xp.inf))
+    tail = eta_exp * count(n_keys) / ell + g_l
     lse_fallback = tail >= 0.5
-    lse_core = np.where(masked_row, 0.0, lse_w) - np.log1p(-np.minimum(tail, 0.5))
-    lse = np.where(masked_row, -np.inf, ref.lse)
-    lse_abs = np.abs(np.where(masked_row, 0.0, lse))
+    lse_core = xp.where(masked_row, 0.0, lse_w) - xp.log1p(-xp.minimum(tail, 0.5))
+    lse = xp.where(masked_row, -xp.inf, ref_lse)
+    lse_abs = xp.abs(xp.where(masked_row, 0.0, lse))
     if exp2:
         # lse = (m2 + log2 l) * ln 2, each step in fp32 plus lg2.approx's error.
         lse_final = np.log(2) * LG2_APPROX_ABS_ERR + 3 * unit("fp32") * (lse_abs + lse_core)
     else:
-        lse_final = unit("fp32") * np.abs(np.log(ell)) + 2 * unit("fp32") * (lse_abs + lse_core)
-    lse_bound = np.where(lse_fallback, np.inf, lse_core + lse_final)
-    lse_bound = np.where(masked_row | big, np.where(masked_row, 0.0, np.inf), lse_bound)
+        lse_final = unit("fp32") * xp.abs(xp.log(ell)) + 2 * unit("fp32") * (lse_abs + lse_core)
+    lse_bound = xp.where(lse_fallback, xp.inf, lse_core + lse_final)
+    lse_bound = xp.where(masked_row | big, xp.where(masked_row, 0.0, xp.inf), lse_bound)
 
     terms = largest_terms(logit_weights=err1, p_rounding_and_accumulation=err2, division=err3,
                           output_rounding=err4, max_weight_perturbation=E)
     terms["fallback_rows"] = int(fallback.sum())
     return Bound(out=bound, lse=lse_bound, fallback=fallback & ~masked_row, terms=terms)
+
+
+def _ref_array(ref, name, s):
+    """One of the oracle's large float64 arrays, in s's library and on its device."""
+    x = getattr(ref, name)
+    if is_torch(s) and not (is_torch(x) and x.device == s.device and x.dtype == s.dtype):
+        x = on_device(x, s, f"ref.{name}")
+    return x
 
 
 def _stored_output_terms(model, p, w, denom1, err1, o, absv, finite, n_keys, n_acc, fallback):
@@ -256,29 +325,30 @@ def _stored_output_terms(model, p, w, denom1, err1, o, absv, finite, n_keys, n_a
     ``pv_acc`` with rounded products (2 n_keys operations that may each lose
     a subnormal spacing), no final division. Returns (err2, err3, err4,
     coarse) as the online path forms them."""
+    xp = namespace(p, absv)
     u_norm = normalise_unit(model)
     u_out = 0.0 if model.out == model.pv_acc else unit(model.out)
     g_pv = gamma(n_acc, unit(model.pv_acc, model.acc_rounding))[..., None]
     theta = gamma(n_acc, unit(model.l_acc, model.acc_rounding))
-    th = np.where(theta >= 0.5, 0.0, theta)[..., None]
+    th = xp.where(theta >= 0.5, 0.0, theta)[..., None]
     eta_p = half_subnormal(model.p)
     # Perturbed probabilities w~_j / sum w~, underflowed weights included.
     rho_up = (p + w) / denom1[..., None]
     sum_pv = rho_up @ absv
-    n_vis = finite.astype(np.float64) @ absv  # sum over the row's visible keys of |V_j|
+    n_vis = xp.astype(finite, xp.float64) @ absv  # sum over the row's visible keys of |V_j|
     underflow = acc_underflow(2 * n_keys, model.pv_acc, model.acc_rounding)[..., None]
-    o_tilde = np.abs(o) + err1
+    o_tilde = xp.abs(o) + err1
     # sum_j (w~_j / l~) V_j = O^ (sum w~ / l~): |.. - O^| <= |O^| theta / (1 - theta).
     err2 = ((o_tilde * th + u_norm * sum_pv + g_pv * (1 + u_norm) * sum_pv) / (1 - th)
             + (1 + g_pv) * eta_p * n_vis + underflow)
-    err3 = np.zeros_like(err2)
+    err3 = xp.zeros_like(err2)
     o_d = o_tilde + err2
     err4 = u_out * o_d + (half_subnormal(model.out) if u_out else 0.0)
     # Fallback: |O~| <= (1 + gamma) sum_j |P~_j| |V_j| + underflow, sum_j P~_j <= (1 + u_norm) / (1 - theta) + n eta_p.
-    vmax = np.max(np.where(finite[..., None], absv[..., None, :, :], 0.0), axis=-2) if fallback.any() else 0.0
-    p_sum = (1 + u_norm) / np.maximum(1 - gamma(n_acc, unit(model.l_acc, model.acc_rounding)), 1e-300) \
-        + n_keys * eta_p
-    coarse = np.abs(o) + (vmax * (1 + g_pv) * p_sum[..., None] + underflow) * (1 + u_out) + half_subnormal(model.out)
+    vmax = _visible_vmax(finite, absv) if fallback.any() else 0.0
+    p_sum = (1 + u_norm) / xp.maximum(1 - gamma(n_acc, unit(model.l_acc, model.acc_rounding)), 1e-300) \
+        + count(n_keys) * eta_p
+    coarse = xp.abs(o) + (vmax * (1 + g_pv) * p_sum[..., None] + underflow) * (1 + u_out) + half_subnormal(model.out)
     return err2, err3, err4, coarse
 
 
