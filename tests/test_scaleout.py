@@ -201,3 +201,29 @@ def test_merge_command_line(untargeted_shards, tmp_path):
     assert code == 0
     assert {r["case_id"] for r in read_cases(tmp_path / "m")} == _ids(runs[(0, 1)])
     assert scaleout.main(["merge", "--out", str(tmp_path / "m2"), str(tmp_path / "missing")]) == 2
+
+
+def test_several_shards_share_each_gpu():
+    from flashcheck.verify.scaleout import shard_commands
+
+    cmds = shard_commands(2, ["--target", "triton", "--out", "r"], python="py", per_gpu=3)
+    assert len(cmds) == 6
+    assert [env["CUDA_VISIBLE_DEVICES"] for env, _ in cmds] == ["0", "1", "0", "1", "0", "1"]
+    assert [argv[argv.index("--shard") + 1] for _, argv in cmds] == [f"{i}/6" for i in range(6)]
+    with pytest.raises(ValueError):
+        shard_commands(2, ["--out", "r"], per_gpu=0)
+
+
+def test_merged_profile_adds_shards_up(tmp_path):
+    import json
+
+    from flashcheck.verify.scaleout import merged_profile
+
+    for i, (cases, oracle) in enumerate([(10, 1.5), (14, 2.5)]):
+        d = tmp_path / f"shard-{i}"
+        d.mkdir()
+        prof = {"phases": {"oracle": {"seconds": oracle, "calls": cases}}, "cases": cases, "wall_s": 5.0}
+        (d / "meta.json").write_text(json.dumps({"profile": prof}))
+    merged = merged_profile([tmp_path / "shard-0", tmp_path / "shard-1"], wall=6.0)
+    assert merged["cases"] == 24 and merged["cases_per_s"] == 4.0
+    assert merged["phases"]["oracle"] == {"seconds": 4.0, "calls": 24}

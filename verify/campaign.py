@@ -370,11 +370,12 @@ def run_campaign(cfg: CampaignConfig) -> CampaignResult:
             row_result = run_case(case, runner, device=cfg.device, ref=ref, baseline_err=base_err, bounds=bounds)
             # judging: run_case's time less what its target, bounds and oracle already counted
             prof.add("judge", time.perf_counter() - t0 - sum(prof.seconds[n] - spent[n] for n in spent))
-            t_record = time.perf_counter()
             if row_result.verdict == "unsupported":
-                rule = cap.learn(plan, row_result.reason,
-                                 _declines(runner, cfg.device, functools.partial(build, raw=raw)))
+                with timed("target"):  # learning what was declined runs the target on simpler plans
+                    rule = cap.learn(plan, row_result.reason,
+                                     _declines(runner, cfg.device, functools.partial(build, raw=raw)))
                 row_result.reason = f"{row_result.reason} [declined: {describe_rule(rule)}]"
+            t_record = time.perf_counter()
             row = row_result.row() | {"device": cfg.device}
             if row_result.verdict == "fail":
                 issue = match(row, cfg.known_issues, cfg.device)

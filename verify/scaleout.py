@@ -208,8 +208,13 @@ def _split_out(base_args: list[str]) -> tuple[list[str], str]:
     return rest, out
 
 
-def shard_commands(n_gpus: int, base_args, *, devices=None, python: str | None = None) -> list[tuple[dict, list]]:
-    """One ``python -m flashcheck fuzz`` command per GPU: shard i of n_gpus.
+def shard_commands(n_gpus: int, base_args, *, devices=None, python: str | None = None,
+                   per_gpu: int = 1) -> list[tuple[dict, list]]:
+    """One ``python -m flashcheck fuzz`` command per GPU: shard i of n_gpus
+    (``per_gpu`` > 1: that many shards share each GPU, n_gpus * per_gpu in
+    all, shard i on GPU i mod n_gpus; a case's host-side work, generation,
+    the isolated worker's transfers, mpmath rows, then overlaps another's
+    GPU work).
 
     ``base_args`` are the fuzz options shared by every shard (``--target``,
     ``--seed``, ``--out DIR`` ...); they must not contain ``--shard``. Shard
@@ -236,13 +241,15 @@ def shard_commands(n_gpus: int, base_args, *, devices=None, python: str | None =
         devices = [str(d) for d in devices]
         if len(devices) != n_gpus:
             raise ValueError(f"devices lists {len(devices)} GPUs but n_gpus is {n_gpus}")
+    per_gpu = _check_count("per_gpu", per_gpu)
     rest, out = _split_out(base_args)
     python = sys.executable if python is None else python
     commands = []
-    for i in range(n_gpus):
-        argv = [python, "-m", "flashcheck", "fuzz", *rest, "--shard", f"{i}/{n_gpus}",
+    n = n_gpus * per_gpu
+    for i in range(n):
+        argv = [python, "-m", "flashcheck", "fuzz", *rest, "--shard", f"{i}/{n}",
                 "--out", str(Path(out) / f"shard-{i}")]
-        commands.append(({"CUDA_VISIBLE_DEVICES": devices[i]}, argv))
+        commands.append(({"CUDA_VISIBLE_DEVICES": devices[i % n_gpus]}, argv))
     return commands
 
 
@@ -287,14 +294,35 @@ def merge_shards(dirs, out, meta: dict | None = None) -> list[dict]:
     return rows
 
 
-def run_shards(n_gpus: int, fuzz_args, *, devices=None) -> int:
+def merged_profile(dirs, wall: float) -> dict:
+    """The shards' campaign profiles (``meta.json``) added up, with the
+    cases per second of the whole run (all shards' cases over ``wall``)."""
+    import json
+
+    phases, cases = {}, 0
+    for d in dirs:
+        meta_path = Path(d) / "meta.json"
+        if not meta_path.is_file():
+            continue
+        prof = json.loads(meta_path.read_text()).get("profile") or {}
+        cases += int(prof.get("cases") or 0)
+        for name, entry in (prof.get("phases") or {}).items():
+            acc = phases.setdefault(name, {"seconds": 0.0, "calls": 0})
+            acc["seconds"] = round(acc["seconds"] + entry["seconds"], 3)
+            acc["calls"] += entry["calls"]
+    return {"phases": phases, "wall_s": round(wall, 3), "cases": cases,
+            "cases_per_s": round(cases / wall, 3) if wall > 0 else None, "summed_over_shards": len(dirs)}
+
+
+def run_shards(n_gpus: int, fuzz_args, *, devices=None, per_gpu: int = 1) -> int:
     """Run the shards in parallel, wait, merge; 0 if every shard exited 0.
 
     The merged report goes to the ``--out`` of ``fuzz_args``; each shard
     keeps its own under ``OUT/shard-i``. The exit status is the worst one
     of the shards (2, a usage error, beats 1, failing cases).
     """
-    commands = shard_commands(n_gpus, fuzz_args, devices=devices)
+    commands = shard_commands(n_gpus, fuzz_args, devices=devices, per_gpu=per_gpu)
+    n_gpus = len(commands)  # shards
     _, out = _split_out(list(fuzz_args))
     start = time.monotonic()
     procs = [subprocess.Popen(argv, env={**os.environ, **env}) for env, argv in commands]
@@ -305,10 +333,13 @@ def run_shards(n_gpus: int, fuzz_args, *, devices=None) -> int:
     dirs = [Path(argv[-1]) for _, argv in commands]
     present = [d for d in dirs if (d / "cases.jsonl").is_file()]
     if present:
-        rows = merge_shards(present, out, meta={"shard_exit_codes": codes,
-                                                "seconds": round(time.monotonic() - start, 1)})
+        wall = time.monotonic() - start
+        prof = merged_profile(present, wall)
+        rows = merge_shards(present, out, meta={"shard_exit_codes": codes, "seconds": round(wall, 1),
+                                                "profile": prof})
         fails = sum(r.get("verdict") == "fail" for r in rows)
-        print(f"merged {len(present)} of {n_gpus} shards: {len(rows)} runs, {fails} failed; report: {out}/index.html")
+        print(f"merged {len(present)} of {n_gpus} shards: {len(rows)} runs, {fails} failed, {prof['cases']} cases in "
+              f"{wall:.0f} s ({prof['cases_per_s']} cases/s); report: {out}/index.html")
     if any(c == 2 for c in codes):
         return 2
     return 1 if any(codes) or len(present) < n_gpus else 0
@@ -323,6 +354,8 @@ def main(argv=None) -> int:
     run.add_argument("--gpus", type=int, default=None,
                      help="number of GPUs (default: CUDA_VISIBLE_DEVICES, else nvidia-smi)")
     run.add_argument("--devices", default=None, help="comma-separated CUDA device ids to use (default 0..N-1)")
+    run.add_argument("--per-gpu", type=int, default=1, metavar="K",
+                     help="shards per GPU (default 1): K campaigns share each GPU, N*K shards in all")
     run.add_argument("fuzz_args", nargs=argparse.REMAINDER, help="-- then the options of 'python -m flashcheck fuzz'")
     merge = sub.add_parser("merge", help="merge existing shard directories")
     merge.add_argument("--out", required=True)
@@ -344,7 +377,7 @@ def main(argv=None) -> int:
             if n > len(devices):
                 raise ValueError(f"--gpus {n} but only {len(devices)} devices are listed: {','.join(devices)}")
             devices = devices[:n]
-        return run_shards(n, fuzz_args, devices=devices)
+        return run_shards(n, fuzz_args, devices=devices, per_gpu=args.per_gpu)
     except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"python -m flashcheck.verify.scaleout: error: {exc}", file=sys.stderr)
         return 2
