@@ -31,7 +31,7 @@ from fractions import Fraction
 import mpmath
 import numpy as np
 
-from flashcheck.kernels.precision import to_float64
+from flashcheck.kernels.precision import format_of, to_float64
 from flashcheck.kernels.sdpa_args import (
     check_array,
     check_finite,
@@ -50,6 +50,7 @@ __all__ = [
     "SoftmaxResult",
     "attention",
     "attention_case",
+    "case_rtol_target",
     "crosscheck",
     "logsumexp",
     "softmax",
@@ -841,9 +842,27 @@ def attention(q, k, v, *, attn_mask=None, is_causal=False, scale=None, enable_gq
     return result
 
 
+def case_rtol_target(case_or_dtype) -> float:
+    """The oracle's ``rtol_target`` for judging a kernel on these inputs:
+    1e-3 times the unit roundoff of the input format (fp16: 2**-11, bf16:
+    2**-8, fp32: 2**-24; the finest of q, k, v for a `Case`), at least
+    2**-50. The oracle's bound is then at most 0.1% of the smallest
+    tolerance any model of that format allows (docs/oracle.md, "When a row
+    is recomputed"). Accepts a `Case`, a dtype, an array or a format name.
+
+    >>> case_rtol_target("float16") == 1e-3 * 2.0**-11
+    True
+    """
+    xs = [getattr(case_or_dtype, name) for name in ("q", "k", "v") if hasattr(case_or_dtype, name)]
+    u = min(format_of(x.dtype).u for x in xs) if xs else format_of(case_or_dtype).u
+    return max(MIN_RTOL_TARGET, 1e-3 * u)
+
+
 def attention_case(case, *, mode="auto", keep=False, with_grad=None, **options) -> AttentionResult:
     """`attention` of a `flashcheck.properties.case.Case`; gradients when the case has
-    ``do`` (or when ``with_grad`` is True, which then requires it)."""
+    ``do`` (or when ``with_grad`` is True, which then requires it). ``rtol_target``
+    defaults to `case_rtol_target` of the case (1e-3 of its input format's unit
+    roundoff), not `attention`'s fp32 default."""
     from flashcheck.properties.case import Case
 
     if not isinstance(case, Case):
@@ -851,6 +870,7 @@ def attention_case(case, *, mode="auto", keep=False, with_grad=None, **options) 
     if with_grad and case.do is None:
         raise ValueError("with_grad=True but the case has no output gradient 'do'")
     dout = case.do if with_grad is not False else None
+    options.setdefault("rtol_target", case_rtol_target(case))
     return attention(case.q, case.k, case.v, attn_mask=case.attn_mask, is_causal=case.is_causal,
                      scale=case.scale, enable_gqa=case.enable_gqa, mode=mode, keep=keep, dout=dout,
                      **options)
