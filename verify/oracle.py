@@ -587,6 +587,7 @@ def _fill_mp_rows(pr: _Problem, res: dict, rows, prec: int, want_mp: bool = Fals
         res["lse"][b, h, i] = r.lse
         res["lse_err"][b, h, i] = r.lse_err
         res["row_scale"][b, h, i] = r.row_scale
+        res["bad"][b, h, i] = False  # the float pass's verdict no longer applies
         if "pi" in res:
             res["pi"][b, h, i] = r.pi
             res["tau"][b, h, i] = r.tau
