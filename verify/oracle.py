@@ -31,7 +31,7 @@ from fractions import Fraction
 import mpmath
 import numpy as np
 
-from flashcheck.kernels.precision import to_float64
+from flashcheck.kernels.precision import format_of, to_float64
 from flashcheck.kernels.sdpa_args import (
     check_array,
     check_finite,
@@ -50,6 +50,7 @@ __all__ = [
     "SoftmaxResult",
     "attention",
     "attention_case",
+    "case_rtol_target",
     "crosscheck",
     "logsumexp",
     "softmax",
@@ -124,6 +125,8 @@ class AttentionResult:
     dq_err_bound: np.ndarray | None = None
     dk_err_bound: np.ndarray | None = None
     dv_err_bound: np.ndarray | None = None
+    #: Rows certified by the compensated-logit tier (not counted in mp_rows).
+    refined_rows: int = 0
     mp_row_index: tuple = field(default=(), repr=False)
     #: (i0, i1) when computed with ``rows=``: row r of the arrays is query
     #: row i0 + r (``mp_row_index`` holds global indices); None: all rows.
@@ -132,7 +135,8 @@ class AttentionResult:
     def summary(self) -> dict:
         """Scalars for a JSON report."""
         return {
-            "mode": self.mode, "mp_rows": self.mp_rows, "certified": self.certified,
+            "mode": self.mode, "mp_rows": self.mp_rows, "refined_rows": self.refined_rows,
+            "certified": self.certified,
             "max_err_bound": float(self.err_bound.max(initial=0.0)),
             "max_lse_err_bound": float(self.lse_err_bound.max(initial=0.0)),
             "scale": self.scale, "rtol_target": self.rtol_target,
@@ -317,30 +321,45 @@ def _prepare(q, k, v, attn_mask, is_causal, scale, enable_gqa, dout, rows=None) 
 # float64 pass (one implementation for NumPy and torch, see verify/_xp.py)
 
 
-def _forward_tile(xp, q, k, v, allowed, add, scale, keep, need_p) -> dict:
+def _forward_tile(xp, q, k, v, allowed, add, scale, keep, need_p, logits=None) -> dict:
     """The float64 pass and its bound (docs/oracle.md) for the query rows
     in ``q`` (B, H, n, D) against all keys; every quantity is per row, so
     tiles of rows give the bound of the whole. ``xp`` is NumPy's or
-    torch's namespace (`verify._xp`); results stay in it."""
+    torch's namespace (`verify._xp`); results stay in it.
+
+    ``logits=(s, sig)``: precomputed logits ``s`` (-inf where masked, the
+    mask already added; ``add`` must be None) with elementwise bounds
+    ``sig`` on their error (the compensated tier, `_refined_logits`) replace
+    steps 1-2's product and its sigma; the rest is the same."""
     Nk, Dv = k.shape[2], v.shape[3]
     D = q.shape[3]
     gD, gK = gamma(D), gamma(Nk)
     with xp.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
-        s = xp.matmul(q, k.swapaxes(-1, -2))
-        s *= scale
-        if add is not None:
-            s += add
+        if logits is None:
+            s = xp.matmul(q, k.swapaxes(-1, -2))
+            s *= scale
+            if add is not None:
+                s += add
+        else:
+            s = xp.copy(logits[0])
         if allowed is not None:
             s = xp.where(allowed, s, -xp.inf)
         s_keep = xp.copy(s) if keep else None
         m = xp.amax(s, axis=-1, keepdims=True)
         empty = m == -xp.inf  # fully masked rows
         m_shift = xp.where(empty, 0.0, m)
+        if logits is not None:
+            # the given bound plus the rounding of the shift below
+            sig = logits[1] + 1.001 * U * (xp.abs(s) + xp.abs(m_shift)) + ETA
         s -= m_shift  # d = s - m (in place)
-        # sigma_i bounds the error of d_ij (docs/oracle.md, step 2)
-        qn = xp.sqrt(xp.einsum("bhnd,bhnd->bhn", q, q))[..., None] * (1 + gamma(D + 2))
-        kn = xp.amax(xp.sqrt(xp.einsum("bhnd,bhnd->bhn", k, k)), axis=-1)[..., None, None] * (1 + gamma(D + 2))
-        sigma = ((gD + 3 * U) * abs(scale) * qn * kn * 1.001 + 1.001 * U * xp.abs(m_shift) + ETA)
+        if logits is not None:
+            keep_sig = xp.isfinite(s) & ~(s + sig < -L_NEG)  # negligible entries are bounded separately
+            sigma = xp.amax(xp.where(keep_sig, sig, 0.0), axis=-1, keepdims=True)
+        else:
+            # sigma_i bounds the error of d_ij (docs/oracle.md, step 2)
+            qn = xp.sqrt(xp.einsum("bhnd,bhnd->bhn", q, q))[..., None] * (1 + gamma(D + 2))
+            kn = xp.amax(xp.sqrt(xp.einsum("bhnd,bhnd->bhn", k, k)), axis=-1)[..., None, None] * (1 + gamma(D + 2))
+            sigma = ((gD + 3 * U) * abs(scale) * qn * kn * 1.001 + 1.001 * U * xp.abs(m_shift) + ETA)
         if add is not None:
             sig = sigma + 2.01 * U * xp.abs(add)
             sig = xp.where(s + sig < -L_NEG, 0.0, sig)  # negligible entries are bounded separately
@@ -429,6 +448,110 @@ def _tiled_forward(xp, dev, pr: _Problem, keep: bool, need_p: bool, tile: int) -
     return res
 
 
+#: Elements of rows x Nk x D held at once by the compensated tier.
+REFINE_ELEMENTS = 2**24
+_SPLIT = 134217729.0  # 2**27 + 1, Veltkamp's splitting constant for float64
+
+
+def _two_sum(a, b):
+    """Knuth's TwoSum: s + e == a + b exactly, s = fl(a + b) (no overflow)."""
+    s = a + b
+    z = s - a
+    return s, (a - (s - z)) + (b - z)
+
+
+def _two_prod(a, b):
+    """Dekker's TwoProduct with Veltkamp's split: p + e == a b exactly,
+    p = fl(a b), barring overflow and underflow (docs/oracle.md)."""
+    p = a * b
+    ca, cb = _SPLIT * a, _SPLIT * b
+    ah, bh = ca - (ca - a), cb - (cb - b)
+    al, bl = a - ah, b - bh
+    return p, ((ah * bh - p) + ah * bl + al * bh) + al * bl
+
+
+def _refined_logits(xp, q, k, add, allowed, scale):
+    """Compensated logits of query rows ``q`` (R, D) against their keys
+    ``k`` (R, Nk, D) (docs/oracle.md, "The compensated-logit tier"):
+    float64 values ``s`` (shifted by the per-row float64 ``m0`` (R, 1),
+    so s + m0 is the logit) and elementwise bounds ``sig`` on |s - exact|.
+    The products q_ik k_jk are exact (inputs of at most 26 significant
+    bits); their sum is Ogita-Rump-Oishi's Sum2 (cascaded TwoSum) kept as
+    an unevaluated pair hi + lo; the scale multiply (TwoProduct), the mask
+    add and the shift by m0 (TwoSum) stay error-free until the last adds."""
+    D = q.shape[-1]
+    prods = k * q[:, None, :]  # exact
+    hi, lo = prods[..., 0], xp.zeros(prods.shape[:-1], like=prods)
+    for c in range(1, D):
+        hi, e = _two_sum(hi, prods[..., c])
+        lo += e
+    A = xp.sum(xp.abs(prods), axis=-1) * (1 + gamma(D + 1))
+    del prods
+    p, e = _two_prod(hi, xp.full(hi.shape, scale, like=hi))
+    ls = lo * scale
+    lo1 = e + ls
+    if add is not None:
+        p, e1 = _two_sum(p, add)
+        lo2 = lo1 + e1
+    else:
+        lo2 = lo1
+    m0 = xp.amax(xp.where(allowed & xp.isfinite(p), p, -xp.inf), axis=-1, keepdims=True)
+    m0 = xp.where(xp.isfinite(m0), m0, 0.0)
+    d1, e2 = _two_sum(p, xp.broadcast_to(-m0, p.shape))
+    t = e2 + lo2
+    d = d1 + t
+    g2 = gamma(D) ** 2
+    sig = 1.01 * (abs(scale) * g2 * A + U * (xp.abs(ls) + xp.abs(lo1) + xp.abs(lo2) + xp.abs(t) + xp.abs(d))) \
+        + 8 * ETA
+    return d, sig, m0
+
+
+def _refine_rows(xp, dev, pr: _Problem, res: dict, rows, rtol: float, keep: bool) -> list:
+    """The compensated-logit tier: recompute ``rows`` [(b, h, i)] with
+    `_refined_logits` and `_forward_tile`; rows that now meet ``rtol`` are
+    written into ``res``. Returns the rows that still miss it."""
+    if not rows:
+        return []
+    _, _, _, Nk, _ = pr.shape
+    D = pr.q.shape[3]
+    like = dev["like"]
+    block = max(1, REFINE_ELEMENTS // max(1, Nk * D))
+    left = []
+    for a in range(0, len(rows), block):
+        chunk = rows[a:a + block]
+        bs, hs, is_ = ([r[n] for r in chunk] for n in range(3))
+        qg, kg, vg = dev["q"][bs, hs, is_], dev["k"][bs, hs], dev["v"][bs, hs]
+        allowed = np.stack([pr.allowed_row(b, h, i) for b, h, i in chunk])
+        add = None
+        if pr.add is not None:
+            full = np.broadcast_to(pr.add, pr.q.shape[:3] + (Nk,))
+            add = xp.asarray(np.stack([full[b, h, i] for b, h, i in chunk]), like=like)
+        with xp.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
+            allowed_x = xp.asarray(allowed, like=like, dtype=xp.bool_)
+            d, sig, m0 = _refined_logits(xp, qg, kg, add, allowed_x, pr.scale)
+            allowed_x = allowed_x[:, None, None]
+            t = _forward_tile(xp, qg[:, None, None], kg[:, None], vg[:, None], allowed_x, None, pr.scale,
+                              keep, keep, logits=(d[:, None, None], sig[:, None, None]))
+            m0h = xp.to_numpy(m0)[:, 0]
+            part = {key: xp.to_numpy(t[key])[:, 0, 0] for key in ("out", "err", "lse", "lse_err", "row_scale",
+                                                                   "bad")}
+            lse = part["lse"] + m0h  # -inf stays -inf
+            part["lse_err"] = np.where(lse == -np.inf, 0.0, part["lse_err"] + CERT_SAFETY * U * np.abs(lse))
+            part["lse"] = lse
+        ok = _certified_rows({key: val[:, None] for key, val in part.items()}, rtol)[:, 0]
+        for r, (b, h, i) in enumerate(chunk):
+            if not ok[r]:
+                left.append((b, h, i))
+                continue
+            for key in ("out", "err", "lse", "lse_err", "row_scale"):
+                res[key][b, h, i] = part[key][r]
+            res["bad"][b, h, i] = False
+            if keep:
+                _put(res["p"], (b, h, i), xp.to_numpy(t["p"][r, 0, 0]))
+                _put(res["s"], (b, h, i), xp.to_numpy(t["s"][r, 0, 0] + m0[r]))
+    return left
+
+
 def _put(arr, idx, value) -> None:
     """arr[idx] = value for a NumPy array or a torch tensor (value from the host)."""
     if is_torch(arr):
@@ -464,6 +587,7 @@ def _fill_mp_rows(pr: _Problem, res: dict, rows, prec: int, want_mp: bool = Fals
         res["lse"][b, h, i] = r.lse
         res["lse_err"][b, h, i] = r.lse_err
         res["row_scale"][b, h, i] = r.row_scale
+        res["bad"][b, h, i] = False  # the float pass's verdict no longer applies
         if "pi" in res:
             res["pi"][b, h, i] = r.pi
             res["tau"][b, h, i] = r.tau
@@ -687,6 +811,15 @@ def _mp_grads(pr, res, prec):
 # public entry points
 
 
+def _products_exact(q, k) -> bool:
+    """q_ik k_jk is exact in float64: both formats have at most 26
+    significant bits together 53 (fp16, bf16, fp32; not float64)."""
+    try:
+        return format_of(q.dtype).p + format_of(k.dtype).p <= 53
+    except (ValueError, TypeError):
+        return False
+
+
 def _check_mode(mode, prec, rtol_target):
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
@@ -758,7 +891,8 @@ def _device_arrays(pr: _Problem, dev) -> tuple:
 
 def attention(q, k, v, *, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
               mode="auto", keep=False, dout=None, rtol_target=DEFAULT_RTOL_TARGET,
-              prec=128, crosscheck_rows=0, device=None, rows=None, tile_rows=None) -> AttentionResult:
+              prec=128, crosscheck_rows=0, device=None, rows=None, tile_rows=None,
+              refine=True) -> AttentionResult:
     """Certified ``scaled_dot_product_attention(q, k, v, ...)``.
 
     q: (B, H, Nq, D); k: (B, Hkv, Nk, D); v: (B, Hkv, Nk, Dv); NumPy arrays
@@ -779,6 +913,11 @@ def attention(q, k, v, *, attn_mask=None, is_causal=False, scale=None, enable_gq
     pass's arrays (torch tensors on ``device``). ``rows=(i0, i1)`` computes
     query rows i0 <= i < i1 only (masks and causality by global index;
     ``mp_row_index`` holds global indices); not with ``dout``.
+
+    In mode "auto", rows the float pass does not certify first go through
+    the compensated-logit tier (``refine=True``, inputs q and k of at most
+    26 significant bits, no ``dout``): ``refined_rows`` counts the rows it
+    certifies; the others are recomputed by mpmath (``mp_rows``).
 
     >>> import numpy as np
     >>> q = np.ones((1, 1, 2, 2), np.float32)
@@ -811,6 +950,10 @@ def attention(q, k, v, *, attn_mask=None, is_causal=False, scale=None, enable_gq
         mp = [tuple(int(x) for x in r) for r in np.argwhere(~_certified_rows(res, rtol_target))]
     else:
         mp = []
+    refined = 0
+    if mp and mode == "auto" and refine and dout is None and _products_exact(q, k):
+        left = _refine_rows(xp, arrays, pr, res, mp, rtol_target, keep)
+        refined, mp = len(mp) - len(left), left
     _fill_mp_rows(pr, res, mp, prec, want_mp=mode == "mpmath" and dout is not None)
     certified = bool(_certified_rows(res, rtol_target).all())
     extra = {}
@@ -827,7 +970,7 @@ def attention(q, k, v, *, attn_mask=None, is_causal=False, scale=None, enable_gq
     i0 = pr.row0
     result = AttentionResult(
         out=res["out"], lse=res["lse"], err_bound=res["err"], lse_err_bound=res["lse_err"],
-        row_scale=res["row_scale"], mp_rows=len(mp), mode=mode, prec=prec, scale=pr.scale,
+        row_scale=res["row_scale"], mp_rows=len(mp), refined_rows=refined, mode=mode, prec=prec, scale=pr.scale,
         rtol_target=float(rtol_target), certified=certified,
         mp_row_index=tuple((b, h, i + i0) for b, h, i in mp),
         row_range=None if rows is None else (i0, i0 + Nq), **extra,
@@ -841,9 +984,27 @@ def attention(q, k, v, *, attn_mask=None, is_causal=False, scale=None, enable_gq
     return result
 
 
+def case_rtol_target(case_or_dtype) -> float:
+    """The oracle's ``rtol_target`` for judging a kernel on these inputs:
+    1e-3 times the unit roundoff of the input format (fp16: 2**-11, bf16:
+    2**-8, fp32: 2**-24; the finest of q, k, v for a `Case`), at least
+    2**-50. The oracle's bound is then at most 0.1% of the smallest
+    tolerance any model of that format allows (docs/oracle.md, "When a row
+    is recomputed"). Accepts a `Case`, a dtype, an array or a format name.
+
+    >>> case_rtol_target("float16") == 1e-3 * 2.0**-11
+    True
+    """
+    xs = [getattr(case_or_dtype, name) for name in ("q", "k", "v") if hasattr(case_or_dtype, name)]
+    u = min(format_of(x.dtype).u for x in xs) if xs else format_of(case_or_dtype).u
+    return max(MIN_RTOL_TARGET, 1e-3 * u)
+
+
 def attention_case(case, *, mode="auto", keep=False, with_grad=None, **options) -> AttentionResult:
     """`attention` of a `flashcheck.properties.case.Case`; gradients when the case has
-    ``do`` (or when ``with_grad`` is True, which then requires it)."""
+    ``do`` (or when ``with_grad`` is True, which then requires it). ``rtol_target``
+    defaults to `case_rtol_target` of the case (1e-3 of its input format's unit
+    roundoff), not `attention`'s fp32 default."""
     from flashcheck.properties.case import Case
 
     if not isinstance(case, Case):
@@ -851,6 +1012,7 @@ def attention_case(case, *, mode="auto", keep=False, with_grad=None, **options) 
     if with_grad and case.do is None:
         raise ValueError("with_grad=True but the case has no output gradient 'do'")
     dout = case.do if with_grad is not False else None
+    options.setdefault("rtol_target", case_rtol_target(case))
     return attention(case.q, case.k, case.v, attn_mask=case.attn_mask, is_causal=case.is_causal,
                      scale=case.scale, enable_gqa=case.enable_gqa, mode=mode, keep=keep, dout=dout,
                      **options)
