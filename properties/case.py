@@ -26,6 +26,10 @@ __all__ = ["LAYOUTS", "Case", "numpy_to_torch"]
 LAYOUTS = ("contiguous", "bnhd", "strided")
 
 
+#: Cases larger than this are saved uncompressed (`Case.save`).
+_COMPRESS_MAX_BYTES = 4 << 20
+
+
 @dataclass
 class Case:
     """Inputs and options of one ``scaled_dot_product_attention`` call.
@@ -157,7 +161,10 @@ class Case:
         meta = {k: v for k, v in self.describe().items()}
         meta.update(self.options(), magnitude=self.magnitude, mask_kind=self.mask_kind, tags=self.tags)
         stored["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-        np.savez_compressed(path, **stored)
+        # Compressing a long-context case takes seconds (a 2**16-key case is
+        # tens of MB of noise-like mantissas): store large cases as they are.
+        big = sum(a.nbytes for a in stored.values()) > _COMPRESS_MAX_BYTES
+        (np.savez if big else np.savez_compressed)(path, **stored)
         return path
 
     @classmethod
