@@ -51,7 +51,13 @@ from flashcheck.verify.findings import FindingTracker
 from flashcheck.verify.isolation import IsolatedTarget
 from flashcheck.verify.known import match
 from flashcheck.verify.profile import Profile, active, timed
-from flashcheck.verify.reference import FULL_MAX_SCORES, case_scores, reference
+from flashcheck.verify.reference import (
+    FULL_MAX_SCORES,
+    case_scores,
+    oracle_device,
+    reference,
+    release_device_memory,
+)
 from flashcheck.verify.targets import resolve_target
 
 __all__ = ["CampaignConfig", "ConfigError", "CampaignResult", "run_campaign", "save_repro", "support_floor"]
@@ -397,6 +403,11 @@ def run_campaign(cfg: CampaignConfig) -> CampaignResult:
                     hypothesis_target(float(row_result.ratio), label=f"ratio:{runner.name}")
             prof.add("record", time.perf_counter() - t_record)
         planner.record(plan, worst)
+        if ref is not None and oracle_device(case, cfg.device) is not None:
+            # Campaigns sharing a GPU (scaleout --per-gpu) each keep a caching
+            # allocator: give a large case's float64 intermediates back.
+            del ref, bounds
+            release_device_memory()
         if bar is not None:
             bar.update(1)
             bar.set_postfix(failures=result.failures, known=result.known_failures,

@@ -38,7 +38,8 @@ from flashcheck.verify import oracle as _oracle
 from flashcheck.verify.bounds import Bound, attention_bound
 from flashcheck.verify.profile import timed
 
-__all__ = ["DEVICE_MIN_SCORES", "FULL_MAX_SCORES", "case_scores", "oracle_device", "reference", "row_tiles"]
+__all__ = ["DEVICE_MIN_SCORES", "FULL_MAX_SCORES", "case_scores", "oracle_device", "reference",
+           "release_device_memory", "row_tiles"]
 
 #: Cases of more scores (B * H * Nq * Nk) are judged in query-row tiles of
 #: about this many scores: the oracle's float64 logits and probabilities
@@ -63,6 +64,15 @@ def oracle_device(case, device: str) -> str | None:
     if device == "cpu" or case_scores(case) < DEVICE_MIN_SCORES:
         return None
     return device
+
+
+def release_device_memory() -> None:
+    """Return the torch caching allocator's free GPU blocks to the driver."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def row_tiles(case, full_max_scores: int = FULL_MAX_SCORES) -> list[tuple[int, int]]:
