@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from flashcheck.kernels.precision import format_of, round_to, to_float64
+from flashcheck.verify._xp import NUMPY
 
 __all__ = [
     "ROW_FLOOR_FRACTION",
@@ -251,10 +252,11 @@ def naive_attention(q, k, v, *, attn_mask=None, is_causal=False, scale=None, ena
     with np.errstate(over="ignore", invalid="ignore", under="ignore"):
         qs = round_to(pr.q * pr.scale, fmt)
         s = round_to(qs @ pr.k.swapaxes(-1, -2), fmt)
-        if pr.add is not None:
-            s = round_to(s + pr.add, fmt)
-        if pr.allowed is not None:
-            s = np.where(pr.allowed, s, -np.inf)
+        allowed, add = pr.masks(NUMPY, s, 0, s.shape[2])  # the causal mask too (built from row indices)
+        if add is not None:
+            s = round_to(s + add, fmt)
+        if allowed is not None:
+            s = np.where(allowed, s, -np.inf)
         m = s.max(axis=-1, keepdims=True)
         m = np.where(m == -np.inf, 0.0, m)
         e = np.exp(s - m)
