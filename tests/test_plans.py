@@ -211,3 +211,19 @@ def test_long_context_cases_stay_in_their_stratum(size):
         seen.add(Nk > 2**16)
     if size == "past-64k":
         assert seen == {True, False}  # both sides of 2**16
+
+
+def test_aligned_query_lengths_stay_in_the_stratum_when_keys_are_long():
+    """Regression (found by test_case_from_plan_realises_every_feature): with
+    4 heads under the 2**16 cap, an aligned both-tiles plan could draw Nk so
+    long that no multiple of 16 was left for Nq in [65, 160], and Nq fell to 64."""
+    plan = Plan(dtype="fp16", size="both-tiles", lengths="different", align="aligned", heads="GQA",
+                head_dim="tiny", dv="same", mask="none", layout="contiguous", magnitude="normal")
+    stratum = size_strata("cpu")["both-tiles"]
+    rng = np.random.default_rng(0)
+    heads = set()
+    for _ in range(300):
+        s = case_from_plan(plan, rng.integers(0, 2**16, N_CHOICES).tolist()).describe()
+        heads.add(s["H"])
+        assert stratum.nq[0] <= s["Nq"] <= stratum.nq[1] and s["Nq"] % 16 == 0, s
+    assert 4 in heads
