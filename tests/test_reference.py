@@ -60,7 +60,9 @@ def test_judge_uses_precomputed_bounds_without_intermediates():
     j = judge(case, exact.astype(case.q.dtype), model=model, ref=ref, bounds=bounds)
     assert j.verdict == "pass"
     wrong = exact.astype(case.q.dtype)
-    wrong[(0,) * wrong.ndim] = 2 * abs(float(wrong[(0,) * wrong.ndim])) + 1
+    x = float(wrong[(0,) * wrong.ndim])
+    # off by at least 1 + |x| (or by 2|x| near the top of the range): far beyond any bound
+    wrong[(0,) * wrong.ndim] = 1.0 + 2 * abs(x) if abs(x) < 1e4 else -x
     assert judge(case, wrong, model=model, ref=ref, bounds=bounds).verdict == "fail"
 
 
