@@ -60,9 +60,11 @@ def test_judge_uses_precomputed_bounds_without_intermediates():
     j = judge(case, exact.astype(case.q.dtype), model=model, ref=ref, bounds=bounds)
     assert j.verdict == "pass"
     wrong = exact.astype(case.q.dtype)
-    x = float(wrong[(0,) * wrong.ndim])
-    # off by at least 1 + |x| (or by 2|x| near the top of the range): far beyond any bound
-    wrong[(0,) * wrong.ndim] = 1.0 + 2 * abs(x) if abs(x) < 1e4 else -x
+    allowed = bounds[model.name].out + ref.err_bound
+    at = np.unravel_index(np.argmin(allowed), allowed.shape)  # where the bound is tightest
+    delta = 4 * allowed[at] + 1.0
+    x = float(wrong[at])
+    wrong[at] = x + delta if abs(x + delta) < 6e4 else x - delta  # off by far more than allowed
     assert judge(case, wrong, model=model, ref=ref, bounds=bounds).verdict == "fail"
 
 
