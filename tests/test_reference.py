@@ -50,6 +50,7 @@ def test_tiled_reference_equals_untiled(seed):
             np.testing.assert_allclose(bounds[m.name].out, whole.out, rtol=1e-9, atol=0)
             np.testing.assert_allclose(bounds[m.name].lse, whole.lse, rtol=1e-10, atol=8 * 2.0**-52)
             np.testing.assert_array_equal(bounds[m.name].fallback, whole.fallback)
+            assert bounds[m.name].terms.get("fallback_rows") == whole.terms.get("fallback_rows")
 
 
 def test_judge_uses_precomputed_bounds_without_intermediates():

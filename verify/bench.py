@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from flashcheck.kernels import bench_kernel
+from flashcheck.verify._xp import namespace
 
 __all__ = ["BENCHES", "bench_oracle", "oracle_device_timings", "oracle_grad_timings", "oracle_timings",
            "plain_attention", "plain_attention_grad", "plain_attention_torch", "register_bench"]
@@ -67,13 +68,14 @@ GRAD_DEFAULT_SIZE = (2048, 128)
 
 
 def plain_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.ndarray:
-    """Textbook float64 attention (no bound): the baseline the oracle's cost
-    is measured against."""
+    """Textbook float64 attention (no bound), on NumPy arrays or torch
+    tensors: the baseline the oracle's cost is measured against."""
+    xp = namespace(q)
     s = q @ k.swapaxes(-1, -2)
     s *= scale
-    s -= s.max(axis=-1, keepdims=True)
-    np.exp(s, out=s)
-    s /= s.sum(axis=-1, keepdims=True)
+    s -= xp.amax(s, axis=-1, keepdims=True)
+    xp.exp(s, out=s)
+    s /= xp.sum(s, axis=-1, keepdims=True)
     return s @ v
 
 
@@ -213,14 +215,8 @@ def plain_attention_torch(q, k, v, scale: float, tile_rows: int):
     import torch
 
     out = torch.empty(q.shape[:-1] + v.shape[-1:], dtype=q.dtype, device=q.device)
-    kt = k.swapaxes(-1, -2)
     for a in range(0, q.shape[2], tile_rows):
-        s = torch.matmul(q[:, :, a:a + tile_rows], kt)
-        s *= scale
-        s -= torch.amax(s, dim=-1, keepdim=True)
-        torch.exp(s, out=s)
-        s /= torch.sum(s, dim=-1, keepdim=True)
-        out[:, :, a:a + tile_rows] = torch.matmul(s, v)
+        out[:, :, a:a + tile_rows] = plain_attention(q[:, :, a:a + tile_rows], k, v, scale)
     return out
 
 

@@ -142,8 +142,9 @@ def _tiled(case, dev, models, crosscheck_rows, full_max_scores):
                 bt = attention_bound(tile, models[n], attn_mask=mask, block_n=case.block_n)
             b_out[n][:, :, i0:i1], b_lse[n][:, :, i0:i1] = bt.out, bt.lse
             b_fallback[n][:, :, i0:i1] = bt.fallback
-            for key, value in bt.terms.items():
-                b_terms[n][key] = value if key not in b_terms[n] else _larger(b_terms[n][key], value)
+            for key, value in bt.terms.items():  # largest values; NaN propagates, as in one call
+                prev = b_terms[n].get(key, value)
+                b_terms[n][key] = math.nan if math.isnan(prev) or math.isnan(value) else max(prev, value)
         del tile
     ref = dataclasses.replace(
         first, out=out, lse=lse, err_bound=err, lse_err_bound=lse_err, row_scale=row_scale, mp_rows=mp_rows,
@@ -157,12 +158,8 @@ def _tiled(case, dev, models, crosscheck_rows, full_max_scores):
         if not rep.ok:
             raise _oracle.CertificationError(f"tiled oracle outside its bound on rows {rep.failures[:3]} "
                                              f"(worst ratio {rep.worst_ratio:.3g})")
+    for n in names:  # a count over all rows, not a largest value
+        if "fallback_rows" in b_terms[n]:
+            b_terms[n]["fallback_rows"] = int(b_fallback[n].sum())
     bounds = {n: Bound(b_out[n], b_lse[n], b_fallback[n], b_terms[n]) for n in names}
     return ref, bounds
-
-
-def _larger(a, b):
-    try:
-        return max(a, b) if not (isinstance(a, float) and math.isnan(a)) else b
-    except TypeError:
-        return a
